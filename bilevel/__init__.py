@@ -1,0 +1,97 @@
+"""biroute bilevel: bi-level solvers as optax transformations.
+
+A bi-level problem is
+
+    min_x F(x, y*(x))  s.t.  y*(x) ∈ argmin_y f(x, y)  [and c(x, y) ≤ 0 | = 0]
+
+with ``x`` the *upper* (outer) variables and ``y`` the *lower* (inner) ones,
+both arbitrary pytrees held together in ``Params(upper, lower)``. The losses
+are plain functions ``outer_loss(upper, lower, batch)`` and
+``inner_loss(upper, lower, batch)`` (optionally ``constraints``), collected in
+a ``Problem``. Every solver is an optax transformation over ``Params``:
+
+    updates, state = tx.update(outer_grads, state, params, *,
+                               outer_loss=F, inner_loss=f, constraints=c,
+                               outer_batch=..., inner_batch=...)
+
+``outer_grads`` is ``∇F`` at ``params``. ``scale_by_<method>`` turns it into
+directions ``Params(upper=d_x, lower=d_y)`` that the per-level optimizers of
+:func:`per_level` negate and scale; ``<method>(...)`` is the ready chain.
+Missing required extra arguments raise ``TypeError``; unknown ones are
+ignored. Solver states are NamedTuples of arrays (jit, shard, checkpoint).
+
+How each method maps onto the contract (state beyond the per-level
+optimizers in the last column):
+
+===============  =========================  ===========  ====================
+method           upper                      lower        solver state
+===============  =========================  ===========  ====================
+BiP              mask scores m (capped      weights θ    —
+                 simplex / top-k)
+LV-HBA           x                          y            θ (LL copy), λ, z, k
+ScaleBiO         source logits p (softmax   model w      copy u, α
+                 weights)
+CommFormer       edge logits α (Gumbel      policy ω     alternation phase
+                 top-k graph)
+DARTS, PC-DARTS  architecture logits        supernet     (2nd order: FD ε)
+                                            weights
+implicit         x                          y → y*       count, ‖∇_y f‖,
+                                                         solve residual
+unrolled         x                          y → y_T      count, ‖∇_y f‖
+===============  =========================  ===========  ====================
+
+``implicit`` and ``unrolled`` give the exact hypergradient (up to the inner
+solve) and are the references the contract test checks every fast solver
+against on ``reference_problems``; ``custom_root`` and the linear solvers are
+the implicit-differentiation engine behind ``implicit``.
+"""
+
+from bilevel import reference_problems
+from bilevel._base import (
+    Params,
+    PerLevelState,
+    Problem,
+    cast_like,
+    make_step,
+    per_level,
+    require_extra_args,
+    upcast,
+)
+from bilevel._implicit import ImplicitState, implicit, scale_by_implicit
+from bilevel._implicit_diff import (
+    custom_fixed_point,
+    custom_root,
+    kkt_optimality_fn,
+)
+from bilevel._linear_solve import (
+    linear_solve_residual,
+    solve_cg,
+    solve_neumann,
+    solve_normal_cg,
+)
+from bilevel._unrolled import UnrolledState, scale_by_unrolled, unrolled
+
+__all__ = (
+    "ImplicitState",
+    "Params",
+    "PerLevelState",
+    "Problem",
+    "UnrolledState",
+    "cast_like",
+    "custom_fixed_point",
+    "custom_root",
+    "implicit",
+    "kkt_optimality_fn",
+    "linear_solve_residual",
+    "make_step",
+    "per_level",
+    "reference_problems",
+    "require_extra_args",
+    "scale_by_implicit",
+    "scale_by_unrolled",
+    "solve_cg",
+    "solve_neumann",
+    "solve_normal_cg",
+    "unrolled",
+    "upcast",
+)

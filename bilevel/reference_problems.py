@@ -1,0 +1,326 @@
+"""Closed-form bi-level problems: correctness tooling for solvers.
+
+Each constructor returns a :class:`ReferenceProblem` with the losses in the
+contract's form ``loss(upper, lower, batch)``, a starting point, the batches
+to pass as extra arguments, and the closed forms of ``∇Φ(x)``, ``y*(x)`` and
+(where known) ``x*``. Labels follow ``reference/bilevel_problems.md``.
+
+Data live in ``batches`` (losses read them from their ``batch`` argument) in
+the requested ``dtype``; closed forms evaluate in at least float32 on the
+same (rounded) data, and return that dtype. Constructors are eager: call them
+inside ``with jax.enable_x64(True):`` for float64.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from bilevel._base import Params, Problem
+
+PyTree = Any
+
+
+class ReferenceProblem(NamedTuple):
+  """A bi-level problem with known answers.
+
+  Attributes:
+    problem: the losses (and constraints, evaluated on the inner batch).
+    init: a starting point ``Params(upper, lower)``.
+    batches: ``{'outer_batch': ..., 'inner_batch': ...}`` (``None`` where
+      unused), to pass as ``**batches`` to ``tx.update`` or ``make_step``.
+    hypergradient: ``upper -> ∇Φ(upper)``, ``Φ(x) = F(x, y*(x))``.
+    lower_solution: ``upper -> y*(upper)``.
+    upper_optimum: ``x*`` or ``None`` where it has no closed form.
+  """
+  problem: Problem
+  init: Params
+  batches: dict[str, Any]
+  hypergradient: Callable[[PyTree], PyTree]
+  lower_solution: Callable[[PyTree], PyTree]
+  upper_optimum: PyTree | None
+
+
+def _wide(dtype) -> jnp.dtype:
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _spd(key, dim, low, high, dtype) -> jax.Array:
+  """A random ``[dim, dim]`` SPD matrix, spectrum ``linspace(low, high)``."""
+  q, _ = jnp.linalg.qr(jax.random.normal(key, (dim, dim), _wide(dtype)))
+  return (q * jnp.linspace(low, high, dim, dtype=q.dtype)) @ q.T
+
+
+def _cast(tree, dtype):
+  return jax.tree.map(lambda a: jnp.asarray(a).astype(dtype), tree)
+
+
+def _batches(outer, inner):
+  return {"outer_batch": outer, "inner_batch": inner}
+
+
+def r1(dtype=jnp.float32) -> ReferenceProblem:
+  """R1, scalar sanity: ``f = ½(y − x)²``, ``F = ½(y − 1)² + ½x²``.
+
+  ``y*(x) = x``, ``Φ′(x) = 2x − 1``, ``x* = 0.5``, ``Φ* = 0.25``; the inner
+  Hessian is 1. Scalars of shape ``[]``.
+  """
+  outer = lambda x, y, batch: 0.5 * (y - 1) ** 2 + 0.5 * x ** 2
+  inner = lambda x, y, batch: 0.5 * (y - x) ** 2
+  return ReferenceProblem(
+      problem=Problem(outer, inner),
+      init=Params(jnp.asarray(2.0, dtype), jnp.asarray(0.0, dtype)),
+      batches=_batches(None, None),
+      hypergradient=lambda x: 2 * x - 1,
+      lower_solution=lambda x: x,
+      upper_optimum=jnp.asarray(0.5, dtype))
+
+
+def _r2_inner(x, z, b):
+  return (0.5 * z @ b["A"] @ z + 0.5 * x @ b["B"] @ x + x @ b["C"] @ z
+          + b["a"] @ z + b["b"] @ x)
+
+
+def _r2_outer(x, z, b):
+  return (0.5 * z @ b["F"] @ z + 0.5 * x @ b["H"] @ x + x @ b["K"] @ z
+          + b["f0"] @ z + b["h"] @ x)
+
+
+def r2(key, dim_upper=20, dim_lower=20, dtype=jnp.float32) -> ReferenceProblem:
+  """R2, general quadratic (benchopt form), ``x ∈ ℝᵖ``, ``z ∈ ℝᵈ``.
+
+  ``f(x,z) = ½zᵀAz + ½xᵀBx + xᵀCz + aᵀz + bᵀx`` (inner),
+  ``F(x,z) = ½zᵀFz + ½xᵀHx + xᵀKz + f₀ᵀz + hᵀx`` (outer).
+  ``z*(x) = −A⁻¹(Cᵀx + a)``,
+  ``∇Φ(x) = Hx + Kz* + h − CA⁻¹(Fz* + Kᵀx + f₀)``,
+  ``x* = −Q⁻¹(Km + MᵀFm + Mᵀf₀ + h)`` with ``M = −A⁻¹Cᵀ``, ``m = −A⁻¹a``,
+  ``Q = H + KM + MᵀKᵀ + MᵀFM``.
+
+  Spectra: inner Hessian ``A`` and ``B``, ``H`` in ``[1, 2]`` exactly,
+  ``F`` in ``[0, 1]``; ``‖C‖ ≈ 0.5``, ``‖K‖ ≈ 0.1``, so ``Q`` lies in about
+  ``[0.9, 2.4]`` (inner step 0.5 and outer step 0.3 both contract).
+
+  Args:
+    key: PRNG key.
+    dim_upper: ``p``.
+    dim_lower: ``d``.
+    dtype: dtype of the data and of ``init``.
+  """
+  p, d, wide = dim_upper, dim_lower, _wide(dtype)
+  ks = jax.random.split(key, 12)
+  normal = lambda k, shape: jax.random.normal(k, shape, wide)
+  inner = _cast(dict(
+      A=_spd(ks[0], d, 1.0, 2.0, wide), B=_spd(ks[1], p, 1.0, 2.0, wide),
+      C=0.25 * normal(ks[2], (p, d)) / jnp.sqrt(max(p, d)),
+      a=normal(ks[3], (d,)), b=normal(ks[4], (p,))), dtype)
+  outer = _cast(dict(
+      F=_spd(ks[5], d, 0.0, 1.0, wide), H=_spd(ks[6], p, 1.0, 2.0, wide),
+      K=0.05 * normal(ks[7], (p, d)) / jnp.sqrt(max(p, d)),
+      f0=normal(ks[8], (d,)), h=normal(ks[9], (p,))), dtype)
+  i, o = _cast(inner, wide), _cast(outer, wide)
+
+  def lower_solution(x):
+    return -jnp.linalg.solve(i["A"], i["C"].T @ x + i["a"])
+
+  def hypergradient(x):
+    z = lower_solution(x)
+    adjoint = jnp.linalg.solve(i["A"], o["F"] @ z + o["K"].T @ x + o["f0"])
+    return o["H"] @ x + o["K"] @ z + o["h"] - i["C"] @ adjoint
+
+  m_mat = -jnp.linalg.solve(i["A"], i["C"].T)
+  m_vec = -jnp.linalg.solve(i["A"], i["a"])
+  q = (o["H"] + o["K"] @ m_mat + m_mat.T @ o["K"].T
+       + m_mat.T @ o["F"] @ m_mat)
+  x_star = -jnp.linalg.solve(q, o["K"] @ m_vec + m_mat.T @ o["F"] @ m_vec
+                             + m_mat.T @ o["f0"] + o["h"])
+  return ReferenceProblem(
+      problem=Problem(_r2_outer, _r2_inner),
+      init=Params(normal(ks[10], (p,)).astype(dtype), jnp.zeros([d], dtype)),
+      batches=_batches(outer, inner),
+      hypergradient=hypergradient,
+      lower_solution=lower_solution,
+      upper_optimum=x_star.astype(dtype))
+
+
+def _r3_inner(log_lam, w, b):
+  residual = b["x"] @ w - b["y"]
+  return 0.5 * residual @ residual + 0.5 * jnp.exp(log_lam) * w @ w
+
+
+def _r3_outer(log_lam, w, b):
+  del log_lam
+  residual = b["x"] @ w - b["y"]
+  return 0.5 * residual @ residual
+
+
+def r3(key, n=40, d=8, dtype=jnp.float32) -> ReferenceProblem:
+  """R3, ridge hyper-parameter; the upper variable is ``log λ`` (a scalar).
+
+  ``w*(λ) = (XᵀX + λI)⁻¹Xᵀy``, ``Φ = ½‖X_v w* − y_v‖²``,
+  ``dΦ/d log λ = −λ (X_vᵀ(X_v w* − y_v))ᵀ(XᵀX + λI)⁻¹w*``. No closed-form
+  ``x*``. ``X`` has ``N(0, 1/n)`` entries, so the inner Hessian
+  ``XᵀX + λI`` has spectrum about ``[(1 − √(d/n))² + λ, (1 + √(d/n))² + λ]``
+  (``[1.3, 3.1]`` at the defaults and ``λ = 1``, the ``init``).
+
+  Args:
+    key: PRNG key.
+    n: training samples (the validation set has ``n // 2``).
+    d: features.
+    dtype: dtype of the data and of ``init``.
+  """
+  wide = _wide(dtype)
+  kx, kw, kn, kv, knv = jax.random.split(key, 5)
+  w_true = jax.random.normal(kw, (d,), wide)
+
+  def data(kx, kn, rows):
+    x = jax.random.normal(kx, (rows, d), wide) / jnp.sqrt(n)
+    return dict(x=x, y=x @ w_true + 0.1 * jax.random.normal(kn, (rows,), wide))
+
+  inner = _cast(data(kx, kn, n), dtype)
+  outer = _cast(data(kv, knv, n // 2), dtype)
+  i, o = _cast(inner, wide), _cast(outer, wide)
+
+  def lower_solution(log_lam):
+    lam = jnp.exp(jnp.asarray(log_lam, wide))
+    return jnp.linalg.solve(i["x"].T @ i["x"] + lam * jnp.eye(d, dtype=wide),
+                            i["x"].T @ i["y"])
+
+  def hypergradient(log_lam):
+    lam = jnp.exp(jnp.asarray(log_lam, wide))
+    w = lower_solution(log_lam)
+    grad_w = o["x"].T @ (o["x"] @ w - o["y"])
+    hessian = i["x"].T @ i["x"] + lam * jnp.eye(d, dtype=wide)
+    return -lam * grad_w @ jnp.linalg.solve(hessian, w)
+
+  return ReferenceProblem(
+      problem=Problem(_r3_outer, _r3_inner),
+      init=Params(jnp.zeros([], dtype), jnp.zeros([d], dtype)),
+      batches=_batches(outer, inner),
+      hypergradient=hypergradient,
+      lower_solution=lower_solution,
+      upper_optimum=None)
+
+
+def r9(key, dim=5, dtype=jnp.float32) -> ReferenceProblem:
+  """R9, lower level with a linear equality constraint.
+
+  ``y*(x) = argmin ½‖y‖² s.t. aᵀy = x = x·a/‖a‖²`` (multiplier
+  ``ν* = −x/‖a‖²``), ``F = ½‖y − t‖²``, ``dΦ/dx = (x − aᵀt)/‖a‖²``,
+  ``x* = aᵀt``. ``problem.constraints(x, y, inner_batch) = [aᵀy − x]``;
+  ``x`` is a scalar, ``y ∈ ℝᵈⁱᵐ``.
+
+  Args:
+    key: PRNG key.
+    dim: dimension of ``y``.
+    dtype: dtype of the data and of ``init``.
+  """
+  wide = _wide(dtype)
+  ka, kt, kx = jax.random.split(key, 3)
+  inner = {"a": jax.random.normal(ka, (dim,), wide).astype(dtype)}
+  outer = {"t": jax.random.normal(kt, (dim,), wide).astype(dtype)}
+  a, t = inner["a"].astype(wide), outer["t"].astype(wide)
+  return ReferenceProblem(
+      problem=Problem(
+          outer_loss=lambda x, y, b: 0.5 * jnp.sum((y - b["t"]) ** 2),
+          inner_loss=lambda x, y, b: 0.5 * jnp.sum(y ** 2),
+          constraints=lambda x, y, b: jnp.atleast_1d(b["a"] @ y - x)),
+      init=Params(jax.random.normal(kx, (), wide).astype(dtype),
+                  jnp.zeros([dim], dtype)),
+      batches=_batches(outer, inner),
+      hypergradient=lambda x: (x - a @ t) / (a @ a),
+      lower_solution=lambda x: x * a / (a @ a),
+      upper_optimum=(a @ t).astype(dtype))
+
+
+def _r10_inner(x, z, batch):
+  del batch
+  log_s = jax.nn.log_softmax(z)
+  gauge = 0.5 * jnp.sum(z) ** 2 / z.shape[-1]
+  return jnp.exp(log_s) @ (log_s - x) + gauge
+
+
+def _r10_outer(x, z, b):
+  del x
+  return 0.5 * jnp.sum((jax.nn.softmax(z) - b["t"]) ** 2)
+
+
+def r10(key, dim=5, dtype=jnp.float32) -> ReferenceProblem:
+  """R10, entropy-regularised simplex lower level, in logits.
+
+  The lower variable is logits ``z`` with ``y = softmax(z)``:
+  ``f(x, z) = −xᵀy + Σ yᵢ log yᵢ + (1ᵀz)²/(2·dim)``, ``F = ½‖y − t‖²``.
+  The last term fixes the gauge ``z → z + c·1`` without moving ``y``, so
+  ``z*(x) = x − mean(x)``, ``y* = softmax(x)`` and the inner Hessian at
+  ``z*`` is ``diag(y*) − y*y*ᵀ + 11ᵀ/dim`` (spectrum in about
+  ``[min yᵢ, 1]``). ``∇Φ(x) = (diag(y*) − y*y*ᵀ)(y* − t)``,
+  ``x* = log t − mean(log t)`` (any shift of it is optimal, ``Φ* = 0``).
+
+  Args:
+    key: PRNG key.
+    dim: simplex dimension.
+    dtype: dtype of the data and of ``init``.
+  """
+  wide = _wide(dtype)
+  kt, kx = jax.random.split(key)
+  outer = {"t": jax.nn.softmax(0.5 * jax.random.normal(kt, (dim,), wide))
+                .astype(dtype)}
+  t = outer["t"].astype(wide)
+
+  def hypergradient(x):
+    y = jax.nn.softmax(jnp.asarray(x, wide))
+    return y * (y - t) - y * (y @ (y - t))
+
+  log_t = jnp.log(t)
+  return ReferenceProblem(
+      problem=Problem(_r10_outer, _r10_inner),
+      init=Params((0.5 * jax.random.normal(kx, (dim,), wide)).astype(dtype),
+                  jnp.zeros([dim], dtype)),
+      batches=_batches(outer, None),
+      hypergradient=hypergradient,
+      lower_solution=lambda x: x - jnp.mean(x),
+      upper_optimum=(log_t - jnp.mean(log_t)).astype(dtype))
+
+
+def r12(key, dim=10, lam=1.0, dtype=jnp.float32) -> ReferenceProblem:
+  """R12, proximal meta-learning (iMAML-type).
+
+  ``φ*(θ) = argmin ½(φ − c)ᵀA(φ − c) + (λ/2)‖φ − θ‖² =
+  (A + λI)⁻¹(Ac + λθ)``, ``F = ½‖φ − d‖²``,
+  ``∇Φ(θ) = λ(A + λI)⁻¹(φ* − d)``, ``θ* = ((A + λI)d − Ac)/λ``.
+  ``A`` has spectrum ``linspace(0, 4)``, so the inner Hessian ``A + λI`` has
+  spectrum ``[λ, λ + 4]``: CG is exact in ``dim`` steps, Neumann with step
+  ``1/(λ + 4)`` contracts by ``4/(λ + 4)`` per term.
+
+  Args:
+    key: PRNG key.
+    dim: dimension of ``θ`` and ``φ``.
+    lam: proximal weight ``λ > 0``.
+    dtype: dtype of the data and of ``init``.
+  """
+  wide = _wide(dtype)
+  ka, kc, kd, kx = jax.random.split(key, 4)
+  inner = _cast(dict(A=_spd(ka, dim, 0.0, 4.0, wide),
+                     c=jax.random.normal(kc, (dim,), wide)), dtype)
+  outer = {"d": jax.random.normal(kd, (dim,), wide).astype(dtype)}
+  a_mat, c = inner["A"].astype(wide), inner["c"].astype(wide)
+  d = outer["d"].astype(wide)
+  hessian = a_mat + lam * jnp.eye(dim, dtype=wide)
+
+  def inner_loss(theta, phi, b):
+    return (0.5 * (phi - b["c"]) @ b["A"] @ (phi - b["c"])
+            + 0.5 * lam * jnp.sum((phi - theta) ** 2))
+
+  def lower_solution(theta):
+    return jnp.linalg.solve(hessian, a_mat @ c + lam * theta)
+
+  return ReferenceProblem(
+      problem=Problem(lambda t, phi, b: 0.5 * jnp.sum((phi - b["d"]) ** 2),
+                      inner_loss),
+      init=Params(jax.random.normal(kx, (dim,), wide).astype(dtype),
+                  jnp.zeros([dim], dtype)),
+      batches=_batches(outer, inner),
+      hypergradient=lambda theta: lam * jnp.linalg.solve(
+          hessian, lower_solution(theta) - d),
+      lower_solution=lower_solution,
+      upper_optimum=((hessian @ d - a_mat @ c) / lam).astype(dtype))

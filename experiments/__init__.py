@@ -1,0 +1,1 @@
+"""Binaries, configs, train/eval loops, data, checkpointing and metrics."""

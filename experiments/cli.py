@@ -1,0 +1,70 @@
+"""Flag parsing for the experiment binary, with clear config-key errors.
+
+``ml_collections.config_flags`` reports an unknown override such as
+``--config.solver.lr_tpyo=1`` as a bare ``AttributeError`` traceback; this
+parser turns it into one line that names the key and lists the valid ones.
+"""
+
+import sys
+from collections.abc import Sequence
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+
+def unknown_config_key(config: ml_collections.ConfigDict,
+                       dotted_key: str) -> str | None:
+  """Returns an error message if ``dotted_key`` is not a key of ``config``."""
+  node, walked = config, []
+  for part in dotted_key.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      where = ".".join(walked) or "the config"
+      valid = (", ".join(sorted(node.keys()))
+               if isinstance(node, ml_collections.ConfigDict) else "none")
+      return (f"unknown config key {dotted_key!r}: {where} has no field "
+              f"{part!r} (valid: {valid})")
+    node = node[part]
+    walked.append(part)
+  return None
+
+
+def _config_overrides(argv: Sequence[str], flag_name: str) -> list[str]:
+  prefix = f"--{flag_name}."
+  return [a.removeprefix(prefix).split("=", 1)[0]
+          for a in argv if a.startswith(prefix)]
+
+
+def _load_config(flag_name: str, argv: Sequence[str]):
+  """Loads the config of ``--<flag_name>=path[:arg]``, without overrides."""
+  values = flags.FlagValues()
+  spec = [argv[0], *(a for a in argv if a.startswith(f"--{flag_name}="))]
+  config_flags.DEFINE_config_file(flag_name, flag_values=values, sys_argv=spec)
+  values(spec)
+  return values[flag_name].value
+
+
+def parse_flags(argv: Sequence[str], flag_name: str = "config") -> list[str]:
+  """``app.run`` flags parser that explains unknown config keys.
+
+  Args:
+    argv: the command line.
+    flag_name: the name of the config-file flag.
+
+  Returns:
+    The remaining (non-flag) arguments, as ``absl.flags`` returns them.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"FATAL Flags parsing error: {e}\n"
+             "Pass --helpshort or --helpfull to see help on flags.")
+  except (AttributeError, KeyError) as e:
+    message = None
+    try:
+      config = _load_config(flag_name, argv)
+      for key in _config_overrides(argv, flag_name):
+        message = message or unknown_config_key(config, key)
+    except Exception:  # noqa: BLE001 - fall back to the original error.
+      pass
+    sys.exit(f"FATAL Flags parsing error: {message or e}")

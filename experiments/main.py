@@ -1,0 +1,37 @@
+r"""The experiment binary.
+
+  python -m experiments.main --config=experiments/configs/<name>.py[:args] \
+      --workdir=DIR [--mode=train|eval] [--config.<key>=<value> ...]
+
+Flags only: the library does the work (``experiments.train``).
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments import cli, train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (get_config(arg)).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, metrics and results.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "eval"],
+    "train: train (resuming from the latest checkpoint) and evaluate; "
+    "eval: restore the latest checkpoint and evaluate.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  if _MODE.value == "train":
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  else:
+    train.evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)

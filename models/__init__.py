@@ -1,0 +1,3 @@
+"""Flax NNX models."""
+
+from models.mlp import MLP as MLP

@@ -1,0 +1,213 @@
+"""One contract test that every bilevel solver joins.
+
+Each solver is a row of ``SOLVERS``; every check below runs on every row. A
+row holds what the solver needs (its factory, the extra arguments it must
+have, the steps it takes to converge); checks never branch on the name.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import bilevel
+from bilevel import reference_problems
+from experiments import checkpointing
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverCase:
+  """A row of the contract table.
+
+  Attributes:
+    name: test id.
+    make: ``make(problem_name, upper_optimizer=None) -> tx``; the problem
+      name lets a row pick step sizes suited to it (never the checks); an
+      ``upper_optimizer`` given by a check replaces the row's default.
+    required: extra arguments whose absence must raise ``TypeError``.
+    steps: outer steps to converge on R1 and R2.
+    tol: relative distance to x* accepted after ``steps``.
+  """
+  name: str
+  make: Callable[..., optax.GradientTransformation]
+  required: tuple[str, ...]
+  steps: int = 60
+  tol: float = 1e-3
+
+
+# Inner step sizes: R1's inner Hessian is 1; R2's has spectrum in
+# [mu, L] given by `reference_problems.r2` (documented there).
+_INNER_LR = {"r1": 0.5, "r2": 0.5}
+_OUTER_LR = {"r1": 0.3, "r2": 0.3}
+
+SOLVERS = (
+    SolverCase(
+        name="implicit",
+        make=lambda p, upper=None: bilevel.implicit(
+            upper or optax.sgd(_OUTER_LR[p]), optax.sgd(_INNER_LR[p]),
+            inner_steps=40),
+        required=("outer_loss", "inner_loss"),
+    ),
+    SolverCase(
+        name="unrolled",
+        make=lambda p, upper=None: bilevel.unrolled(
+            upper or optax.sgd(_OUTER_LR[p]), optax.sgd(_INNER_LR[p]),
+            inner_steps=40),
+        required=("outer_loss", "inner_loss"),
+    ),
+)
+IDS = [c.name for c in SOLVERS]
+
+
+def _r2(dtype=jnp.float32, dim=16):
+  return reference_problems.r2(
+      jax.random.key(0), dim_upper=dim, dim_lower=dim, dtype=dtype)
+
+
+def _problem(name, dtype=jnp.float32):
+  return reference_problems.r1(dtype=dtype) if name == "r1" else _r2(dtype)
+
+
+def _extra_args(ref):
+  return dict(outer_loss=ref.problem.outer_loss,
+              inner_loss=ref.problem.inner_loss, **ref.batches)
+
+
+def _run(tx, ref, params, state, steps):
+  step = bilevel.make_step(tx, ref.problem)
+  for _ in range(steps):
+    params, state, _ = step(params, state, ref.batches)
+  return params, state
+
+
+def _outer_grads(ref, params):
+  return jax.grad(lambda p: ref.problem.outer_loss(
+      p.upper, p.lower, ref.batches.get("outer_batch")))(params)
+
+
+@pytest.mark.parametrize("case", SOLVERS, ids=IDS)
+def test_compiles_under_jit(case):
+  ref = _problem("r2")
+  tx = case.make("r2")
+  state = jax.jit(tx.init)(ref.init)
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p, **_extra_args(ref)))
+  updates, _ = update(_outer_grads(ref, ref.init), state, ref.init)
+  chex_tree = jax.tree.map(lambda u, p: u.shape == p.shape, updates, ref.init)
+  assert all(jax.tree.leaves(chex_tree))
+
+
+@pytest.mark.parametrize("case", SOLVERS, ids=IDS)
+def test_ignores_unknown_extra_args(case):
+  ref = _problem("r1")
+  tx = case.make("r1")
+  state = tx.init(ref.init)
+  grads = _outer_grads(ref, ref.init)
+  expected, _ = tx.update(grads, state, ref.init, **_extra_args(ref))
+  got, _ = tx.update(grads, state, ref.init, **_extra_args(ref),
+                     not_an_argument=123, another_one="x")
+  jax.tree.map(np.testing.assert_array_equal, got, expected)
+
+
+@pytest.mark.parametrize("case", SOLVERS, ids=IDS)
+def test_missing_required_extra_args_raise(case):
+  ref = _problem("r1")
+  tx = case.make("r1")
+  state = tx.init(ref.init)
+  grads = _outer_grads(ref, ref.init)
+  for name in case.required:
+    extra = _extra_args(ref)
+    del extra[name]
+    with pytest.raises(TypeError, match=name):
+      tx.update(grads, state, ref.init, **extra)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("case", SOLVERS, ids=IDS)
+def test_keeps_param_dtype(case, dtype):
+  ref = _problem("r2", dtype)
+  params = jax.tree.map(lambda x: x.astype(dtype), ref.init)
+  tx = case.make("r2")
+  state = tx.init(params)
+  updates, _ = tx.update(_outer_grads(ref, params), state, params,
+                         **_extra_args(ref))
+  for u in jax.tree.leaves(updates):
+    assert u.dtype == dtype
+  new_params, _ = _run(tx, ref, params, state, steps=2)
+  for p in jax.tree.leaves(new_params):
+    assert p.dtype == dtype
+    assert np.all(np.isfinite(np.asarray(p, np.float32)))
+
+
+@pytest.mark.parametrize("case", SOLVERS, ids=IDS)
+def test_state_structure_is_stable(case):
+  ref = _problem("r2")
+  tx = case.make("r2")
+  state0 = tx.init(ref.init)
+  _, state3 = _run(tx, ref, ref.init, state0, steps=3)
+  assert jax.tree.structure(state0) == jax.tree.structure(state3)
+  for a, b in zip(jax.tree.leaves(state0), jax.tree.leaves(state3)):
+    assert (a.shape, a.dtype) == (b.shape, b.dtype)
+
+
+@pytest.mark.parametrize("case", SOLVERS, ids=IDS)
+def test_state_shards_like_params(case):
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 simulated devices (tests/conftest.py sets them)")
+  mesh = jax.make_mesh((8,), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  sharding = NamedSharding(mesh, P("data"))
+  ref = _r2(dim=16)
+  params = jax.device_put(ref.init, sharding)
+  # Adam's moments are state shaped like the params.
+  tx = case.make("r2", optax.adam(1e-2))
+  state = jax.jit(tx.init)(params)
+  step = bilevel.make_step(tx, ref.problem)
+  params, state, _ = step(params, state, ref.batches)
+  param_leaves = jax.tree.leaves(params)
+  for p in param_leaves:
+    assert p.sharding.is_equivalent_to(sharding, p.ndim)
+  shaped_like_params = [s for s in jax.tree.leaves(state)
+                        if s.ndim and s.shape == param_leaves[0].shape]
+  assert shaped_like_params, "expected Adam moments shaped like the params"
+  for s in shaped_like_params:
+    assert s.sharding.is_equivalent_to(sharding, s.ndim), s.sharding
+
+
+@pytest.mark.parametrize("problem_name", ["r1", "r2"])
+@pytest.mark.parametrize("case", SOLVERS, ids=IDS)
+def test_converges(case, problem_name):
+  ref = _problem(problem_name)
+  tx = case.make(problem_name)
+  params, _ = _run(tx, ref, ref.init, tx.init(ref.init), case.steps)
+  x, x_star = params.upper, ref.upper_optimum
+  error = jnp.linalg.norm(jnp.ravel(x - x_star)) / jnp.maximum(
+      jnp.linalg.norm(jnp.ravel(x_star)), 1.0)
+  assert error < case.tol, f"{case.name} on {problem_name}: {error=}"
+
+
+@pytest.mark.parametrize("case", SOLVERS, ids=IDS)
+def test_checkpoint_resume_is_bit_identical(case, tmp_path):
+  ref = _problem("r2")
+  tx = case.make("r2")
+  state0 = tx.init(ref.init)
+  params_a, state_a = _run(tx, ref, ref.init, state0, steps=6)
+
+  params_b, state_b = _run(tx, ref, ref.init, state0, steps=3)
+  ckpt = checkpointing.Checkpointer(tmp_path / "ckpt")
+  ckpt.save(3, {"params": params_b, "state": state_b})
+  ckpt.wait()
+  abstract = jax.eval_shape(lambda: {"params": ref.init, "state": state0})
+  step, restored = checkpointing.Checkpointer(tmp_path / "ckpt").restore(
+      abstract)
+  assert step == 3
+  assert jax.tree.structure(restored["state"]) == jax.tree.structure(state0)
+  params_b, state_b = _run(tx, ref, restored["params"], restored["state"], 3)
+
+  jax.tree.map(np.testing.assert_array_equal, params_b, params_a)
+  jax.tree.map(np.testing.assert_array_equal, state_b, state_a)
