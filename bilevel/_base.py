@@ -2,7 +2,7 @@
 
 A bi-level problem is
 
-    min_x  F(x, y*(x))   s.t.  y*(x) ∈ argmin_y f(x, y)   [and c(x, y) ≤ 0 | = 0]
+    min_x F(x, y*(x))  s.t.  y*(x) ∈ argmin_y f(x, y)  [and c(x, y) ≤ 0 | = 0]
 
 with ``x`` the *upper* (outer) variables and ``y`` the *lower* (inner) ones,
 both arbitrary pytrees. Every solver is an optax transformation over
@@ -81,7 +81,7 @@ def require_extra_args(
 
 
 def cast_like(tree: PyTree, like: PyTree) -> PyTree:
-  """Casts every leaf of ``tree`` to the dtype of the matching leaf of ``like``."""
+  """Casts each leaf of ``tree`` to the dtype of its counterpart in ``like``."""
   return jax.tree.map(lambda t, l: jnp.asarray(t).astype(jnp.result_type(l)),
                       tree, like)
 

@@ -93,7 +93,9 @@ def scale_by_implicit(
     inner_steps: number of inner steps.
     linear_solve: ``solve(matvec, b)`` for the adjoint system; default
       :data:`DEFAULT_LINEAR_SOLVE` (curvature-safe CG, ``tol=1e-6``,
-      ``maxiter=100``), or normal CG when ``equality_constrained``.
+      ``maxiter=100``), or normal CG when ``equality_constrained``. On
+      non-convex lower levels near-zero curvature can still lengthen CG's
+      steps: when ``linear_solve_residual`` stays near 1, add ``ridge``.
     inner_solver: optional exact solver ``(upper, lower_init, inner_batch) ->
       y*`` replacing the optax loop (required with constraints).
     equality_constrained: treat ``constraints(upper, lower, inner_batch) =
