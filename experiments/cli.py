@@ -5,11 +5,14 @@
 parser turns it into one line that names the key and lists the valid ones.
 """
 
+import logging
+import pathlib
 import sys
 from collections.abc import Sequence
 
 import ml_collections
 from absl import flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 
@@ -68,3 +71,21 @@ def parse_flags(argv: Sequence[str], flag_name: str = "config") -> list[str]:
     except Exception:  # noqa: BLE001 - fall back to the original error.
       pass
     sys.exit(f"FATAL Flags parsing error: {message or e}")
+
+
+class _OwnInfoOnly(logging.Filter):
+  """Passes warnings and errors, and info records from our own packages."""
+
+  def __init__(self, root: pathlib.Path):
+    super().__init__()
+    self._root = str(root)
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return (record.levelno >= logging.WARNING
+            or record.pathname.startswith(self._root))
+
+
+def quiet_library_info_logs() -> None:
+  """Hides other libraries' INFO logs (orbax logs every save step by step)."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  absl_logging.get_absl_handler().addFilter(_OwnInfoOnly(root))

@@ -89,6 +89,27 @@ def make_noisy_splits(
                      s.test_x, s.test_y, s.num_classes)
 
 
+def standardize_features(splits: NoisySplits, eps: float = 1e-6
+                         ) -> NoisySplits:
+  """Standardizes each feature with the training split's mean and std.
+
+  Statistics come from ``train_x`` alone (labels unused), so no validation or
+  test information leaks; constant features (std 0) are only centred.
+
+  Args:
+    splits: the splits; features ``[n, ...]``.
+    eps: added to the std.
+
+  Returns:
+    The splits with ``train_x``, ``val_x`` and ``test_x`` standardized.
+  """
+  mean = splits.train_x.mean(axis=0)
+  std = splits.train_x.std(axis=0) + eps
+  scale = lambda x: ((x - mean) / std).astype(np.float32)
+  return splits._replace(train_x=scale(splits.train_x),
+                         val_x=scale(splits.val_x), test_x=scale(splits.test_x))
+
+
 def _flat(x: np.ndarray) -> jax.Array:
   return jnp.asarray(x, jnp.float32).reshape(len(x), -1)
 

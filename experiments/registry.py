@@ -92,6 +92,8 @@ def _hyper_cleaning(config: ml_collections.ConfigDict, key: jax.Array) -> Task:
       num_val=config.data.num_val,
       num_test=config.data.num_test or None,
       noise_rate=config.data.noise_rate)
+  if config.data.standardize:
+    splits = hyper_cleaning.standardize_features(splits)
   task = hyper_cleaning.build_task(
       model_key, splits=splits,
       hidden_sizes=tuple(config.model.hidden_sizes),

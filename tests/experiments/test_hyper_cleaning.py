@@ -80,6 +80,17 @@ def test_noisy_splits(splits):
   assert splits.val_x.shape == (300, 64) and len(splits.test_y) == 297
 
 
+def test_standardize_features_uses_training_statistics(splits):
+  out = hc.standardize_features(splits)
+  varying = splits.train_x.std(axis=0) > 0
+  np.testing.assert_allclose(out.train_x.mean(axis=0), 0, atol=1e-5)
+  np.testing.assert_allclose(out.train_x.std(axis=0)[varying], 1, rtol=1e-3)
+  mean, std = splits.train_x.mean(0), splits.train_x.std(0) + 1e-6
+  np.testing.assert_allclose(out.test_x, (splits.test_x - mean) / std,
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(out.train_y, splits.train_y)
+
+
 def test_losses_are_finite_scalars(task, splits):
   params = task.init_params
   assert params.upper.shape == (600,) and params.upper.dtype == jnp.float32
