@@ -69,10 +69,26 @@ from bilevel._linear_solve import (
     solve_neumann,
     solve_normal_cg,
 )
+from bilevel._lv_hba import LVHBAState, lv_hba, scale_by_lv_hba
+from bilevel._project import project_params
+from bilevel._projections import (
+    DykstraInfo,
+    dykstra,
+    dykstra_with_info,
+    projection_box,
+    projection_capped_simplex,
+    projection_halfspace,
+    projection_hyperplane,
+    projection_polyhedron,
+    projection_polyhedron_with_info,
+    projection_simplex,
+)
 from bilevel._unrolled import UnrolledState, scale_by_unrolled, unrolled
 
 __all__ = (
+    "DykstraInfo",
     "ImplicitState",
+    "LVHBAState",
     "Params",
     "PerLevelState",
     "Problem",
@@ -80,14 +96,26 @@ __all__ = (
     "cast_like",
     "custom_fixed_point",
     "custom_root",
+    "dykstra",
+    "dykstra_with_info",
     "implicit",
     "kkt_optimality_fn",
     "linear_solve_residual",
+    "lv_hba",
     "make_step",
     "per_level",
+    "project_params",
+    "projection_box",
+    "projection_capped_simplex",
+    "projection_halfspace",
+    "projection_hyperplane",
+    "projection_polyhedron",
+    "projection_polyhedron_with_info",
+    "projection_simplex",
     "reference_problems",
     "require_extra_args",
     "scale_by_implicit",
+    "scale_by_lv_hba",
     "scale_by_unrolled",
     "solve_cg",
     "solve_neumann",

@@ -128,8 +128,9 @@ def scale_by_implicit(
 
   def init_fn(params):
     del params
-    zero = jnp.zeros([], jnp.float32)
-    return ImplicitState(jnp.zeros([], jnp.int32), zero, zero)
+    # Distinct arrays per field, so a donating jit never sees one buffer twice.
+    return ImplicitState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.float32),
+                         jnp.zeros([], jnp.float32))
 
   def update_fn(outer_grads, state, params=None, **extra_args):
     del outer_grads  # at the old lower; the hypergradient is taken at y*.

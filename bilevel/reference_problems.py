@@ -324,3 +324,211 @@ def r12(key, dim=10, lam=1.0, dtype=jnp.float32) -> ReferenceProblem:
           hessian, lower_solution(theta) - d),
       lower_solution=lower_solution,
       upper_optimum=((hessian @ d - a_mat @ c) / lam).astype(dtype))
+
+
+def _r7_outer(x, y, batch):
+  del batch
+  y1, y2 = y
+  return 0.5 * jnp.sum((x - y2) ** 2) + 0.5 * jnp.sum((y1 - 1) ** 2)
+
+
+def _r7_inner(x, y, batch):
+  del batch
+  y1, y2 = y
+  return 0.5 * jnp.sum(y1 ** 2) - x @ y1 + jnp.sum(y2)
+
+
+def _r7_constraints(x, y, batch):
+  del batch
+  y1, y2 = y
+  return jnp.atleast_1d(jnp.sum(x) + jnp.sum(y1) + jnp.sum(y2))
+
+
+def r7(n=100, dtype=jnp.float32) -> ReferenceProblem:
+  """R7, LV-HBA's coupled-equality toy; the lower-level solution is a set.
+
+  ``F(x, y) = ½‖x − y₂‖² + ½‖y₁ − 1‖²``, ``f(x, y) = ½‖y₁‖² − xᵀy₁ + 1ᵀy₂``
+  s.t. ``h(x, y) = 1ᵀx + 1ᵀy₁ + 1ᵀy₂ = 0`` (coupled, equality;
+  ``problem.constraints`` returns ``[h]``). The lower solution set is
+  ``{y₁ = x + 1, 1ᵀy₂ = −2·1ᵀx − n}`` with multiplier ``−1``
+  (``∇_{y₂}f + λ∇_{y₂}h = 0``); the optimum is ``x* = −0.3·1``,
+  ``y₁* = 0.7·1``, ``y₂* = −0.4·1``, ``F* = 5`` (for ``n = 100``). Project
+  ``(x, y)`` onto the constraint with :func:`r7_projection`.
+
+  The upper variable is ``x: [n]``; the lower one the tuple ``(y₁, y₂)`` of
+  two ``[n]`` arrays. ``init`` is the official script's ``10·1`` for all
+  three. ``hypergradient`` and ``lower_solution`` are ``None`` (set-valued
+  lower level). No data: both batches are ``None``.
+
+  Args:
+    n: dimension of ``x``, ``y₁`` and ``y₂``.
+    dtype: dtype of ``init`` and ``upper_optimum``.
+  """
+  ten = lambda: jnp.full([n], 10.0, dtype)  # distinct buffers, donatable.
+  return ReferenceProblem(
+      problem=Problem(_r7_outer, _r7_inner, _r7_constraints),
+      init=Params(ten(), (ten(), ten())),
+      batches=_batches(None, None),
+      hypergradient=None,
+      lower_solution=None,
+      upper_optimum=jnp.full([n], -0.3, dtype))
+
+
+def r7_projection(params: Params) -> Params:
+  """Projects ``(x, (y₁, y₂))`` onto ``1ᵀx + 1ᵀy₁ + 1ᵀy₂ = 0`` (R7's ``C``).
+
+  The hyperplane's normal is the all-ones vector, so the projection
+  subtracts the mean of all ``3n`` entries from each.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  mean = sum(jnp.sum(l) for l in leaves) / sum(l.size for l in leaves)
+  return jax.tree.unflatten(treedef, [l - mean for l in leaves])
+
+
+def _distance_outer(rho):
+  def outer_loss(x, y, b):
+    return (0.5 * jnp.sum((y - b["t"]) ** 2)
+            + 0.5 * rho * jnp.sum((x - b["s"]) ** 2))
+  return outer_loss
+
+
+def _distance_inner(x, y, batch):
+  del batch
+  return 0.5 * jnp.sum((y - x) ** 2)
+
+
+def _coupled_constraints(x, y, b):
+  return jnp.atleast_1d(b["a"] @ y - b["c"] @ x - b["b"])
+
+
+def coupled_equality(key, dim=5, rho=1.0,
+                     dtype=jnp.float32) -> ReferenceProblem:
+  """Projection onto a hyperplane that moves with ``x`` (coupled equality).
+
+  ``y*(x) = argmin_y ½‖y − x‖² s.t. h(x, y) = aᵀy − cᵀx − b = 0
+  = x − a(dᵀx − b)/‖a‖² =: Mx + m``, ``d = a − c``,
+  ``M = I − adᵀ/‖a‖²``, ``m = ab/‖a‖²``, with multiplier
+  ``λ*(x) = (dᵀx − b)/‖a‖²`` (``y − x + λa = 0``;
+  :func:`coupled_equality_multiplier`). Upper level
+  ``F = ½‖y − t‖² + (ρ/2)‖x − s‖²``: ``∇Φ(x) = Mᵀ(y*(x) − t) + ρ(x − s)``,
+  ``x* = (MᵀM + ρI)⁻¹(Mᵀ(t − m) + ρs)``. Feasible set of ``(x, y)``:
+  :func:`coupled_equality_projection`. ``x, y ∈ ℝᵈⁱᵐ``.
+
+  Args:
+    key: PRNG key.
+    dim: dimension of ``x`` and ``y``.
+    rho: weight ``ρ > 0`` of the upper regulariser.
+    dtype: dtype of the data and of ``init``.
+  """
+  wide = _wide(dtype)
+  ks = jax.random.split(key, 6)
+  normal = lambda k, shape: jax.random.normal(k, shape, wide)
+  unit = lambda k: (lambda v: v / jnp.linalg.norm(v))(normal(k, (dim,)))
+  inner = _cast(dict(a=unit(ks[0]), c=0.5 * unit(ks[1]),
+                     b=jnp.asarray(1.0, wide)), dtype)
+  outer = _cast(dict(t=normal(ks[2], (dim,)), s=normal(ks[3], (dim,))), dtype)
+  i, o = _cast(inner, wide), _cast(outer, wide)
+  aa = i["a"] @ i["a"]
+  m_mat = jnp.eye(dim, dtype=wide) - jnp.outer(i["a"], i["a"] - i["c"]) / aa
+  m_vec = i["a"] * i["b"] / aa
+  lower_solution = lambda x: m_mat @ x + m_vec
+  x_star = jnp.linalg.solve(m_mat.T @ m_mat + rho * jnp.eye(dim, dtype=wide),
+                            m_mat.T @ (o["t"] - m_vec) + rho * o["s"])
+  return ReferenceProblem(
+      problem=Problem(_distance_outer(rho), _distance_inner,
+                      _coupled_constraints),
+      init=Params(normal(ks[4], (dim,)).astype(dtype), jnp.zeros([dim], dtype)),
+      batches=_batches(outer, inner),
+      hypergradient=lambda x: (m_mat.T @ (lower_solution(x) - o["t"])
+                               + rho * (x - o["s"])),
+      lower_solution=lower_solution,
+      upper_optimum=x_star.astype(dtype))
+
+
+def coupled_equality_multiplier(inner_batch, x) -> jax.Array:
+  """``λ*(x) = [(a − c)ᵀx − b]/‖a‖²``, ``[1]``, of :func:`coupled_equality`.
+
+  The sign is that of ``∇_y f + λ∇_y h = 0``.
+  """
+  a, c, b = inner_batch["a"], inner_batch["c"], inner_batch["b"]
+  return jnp.atleast_1d(((a - c) @ x - b) / (a @ a))
+
+
+def coupled_equality_projection(inner_batch) -> Callable[[Params], Params]:
+  """``Π_C`` onto ``{(x, y): aᵀy − cᵀx = b}`` of :func:`coupled_equality`."""
+  a, c, b = inner_batch["a"], inner_batch["c"], inner_batch["b"]
+
+  def projection(params: Params) -> Params:
+    x, y = params
+    step = (a @ y - c @ x - b) / (a @ a + c @ c)
+    return Params(x + step * c, y - step * a)
+
+  return projection
+
+
+def halfspace(key, dim=5, rho=1.0, dtype=jnp.float32) -> ReferenceProblem:
+  """Projection onto a halfspace; the constraint is active at the optimum.
+
+  ``y*(x) = argmin_y ½‖y − x‖² s.t. g(y) = aᵀy − b ≤ 0
+  = x − a·max(0, aᵀx − b)/‖a‖²``, multiplier
+  ``λ*(x) = max(0, aᵀx − b)/‖a‖²`` (:func:`halfspace_multiplier`). Upper
+  level ``F = ½‖y − t‖² + (ρ/2)‖x − s‖²`` with ``aᵀs > b``, ``aᵀt > b``
+  (``b`` is set so): the stationary point of the inactive piece lies in the
+  active region, so the optimum is that of the active piece,
+  ``x* = s + P(t − s)/(1 + ρ)``, ``P = I − aaᵀ/‖a‖²``, where the constraint
+  is active with ``λ* = (aᵀs − b)/‖a‖² > 0``. ``∇Φ(x) = J(x)(y*(x) − t)
+  + ρ(x − s)``, ``J = P`` where ``aᵀx > b``, else ``I``. Feasible set of
+  ``y``: :func:`halfspace_projection`. ``x, y ∈ ℝᵈⁱᵐ``.
+
+  Args:
+    key: PRNG key.
+    dim: dimension of ``x`` and ``y``.
+    rho: weight ``ρ > 0`` of the upper regulariser.
+    dtype: dtype of the data and of ``init``.
+  """
+  wide = _wide(dtype)
+  ka, kt, ks, kx = jax.random.split(key, 4)
+  a = jax.random.normal(ka, (dim,), wide)
+  a = a / jnp.linalg.norm(a)
+  outer = _cast(dict(t=jax.random.normal(kt, (dim,), wide),
+                     s=jax.random.normal(ks, (dim,), wide)), dtype)
+  o = _cast(outer, wide)
+  b = jnp.minimum(a @ o["t"], a @ o["s"]) - 0.5
+  inner = _cast(dict(a=a, b=b), dtype)
+  a, b = _cast((inner["a"], inner["b"]), wide)
+  p_mat = jnp.eye(dim, dtype=wide) - jnp.outer(a, a) / (a @ a)
+  lower_solution = lambda x: x - a * jnp.maximum(a @ x - b, 0) / (a @ a)
+
+  def hypergradient(x):
+    residual = lower_solution(x) - o["t"]
+    active = a @ x > b
+    return (jnp.where(active, p_mat @ residual, residual)
+            + rho * (x - o["s"]))
+
+  return ReferenceProblem(
+      problem=Problem(_distance_outer(rho), _distance_inner,
+                      lambda x, y, b: jnp.atleast_1d(b["a"] @ y - b["b"])),
+      init=Params(jax.random.normal(kx, (dim,), wide).astype(dtype),
+                  jnp.zeros([dim], dtype)),
+      batches=_batches(outer, inner),
+      hypergradient=hypergradient,
+      lower_solution=lower_solution,
+      upper_optimum=(o["s"] + p_mat @ (o["t"] - o["s"]) / (1 + rho)).astype(
+          dtype))
+
+
+def halfspace_multiplier(inner_batch, x) -> jax.Array:
+  """``λ*(x) = max(0, aᵀx − b)/‖a‖²``, ``[1]``, of :func:`halfspace`."""
+  a, b = inner_batch["a"], inner_batch["b"]
+  return jnp.atleast_1d(jnp.maximum(a @ x - b, 0) / (a @ a))
+
+
+def halfspace_projection(inner_batch) -> Callable[[Params], Params]:
+  """``Π_C`` of :func:`halfspace`: ``y`` onto ``{aᵀy ≤ b}``, ``x`` free."""
+  a, b = inner_batch["a"], inner_batch["b"]
+
+  def projection(params: Params) -> Params:
+    x, y = params
+    return Params(x, y - a * jnp.maximum(a @ y - b, 0) / (a @ a))
+
+  return projection

@@ -15,7 +15,7 @@ import optax
 
 import bilevel
 from experiments import data as data_lib
-from experiments import hyper_cleaning
+from experiments import hyper_cleaning, lv_hba_toy, svm
 from experiments.task import Task
 
 
@@ -72,6 +72,8 @@ def _unrolled(
 SOLVERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "implicit": _implicit,
     "unrolled": _unrolled,
+    "lv_hba": lv_hba_toy.solver_from_config,
+    "lv_hba_svm": svm.solver_from_config,
 }
 
 
@@ -118,6 +120,8 @@ def _hyper_cleaning(config: ml_collections.ConfigDict, key: jax.Array) -> Task:
 
 TASKS: dict[str, Callable[[ml_collections.ConfigDict, jax.Array], Task]] = {
     "hyper_cleaning": _hyper_cleaning,
+    "lv_hba_toy": lv_hba_toy.task_from_config,
+    "lv_hba_svm": svm.task_from_config,
 }
 
 

@@ -61,6 +61,16 @@ SOLVERS = (
             inner_steps=40),
         required=("outer_loss", "inner_loss"),
     ),
+    # Unconstrained LV-HBA is a penalty method: x is biased by O(1/c_k).
+    SolverCase(
+        name="lv_hba",
+        make=lambda p, upper=None: bilevel.lv_hba(
+            0, alpha=0.5, beta=0.5, eta=0.5, gamma1=10.0, gamma2=10.0,
+            c=10.0, upper_optimizer=upper),
+        required=("inner_loss",),
+        steps=1000,
+        tol=5e-3,
+    ),
 )
 IDS = [c.name for c in SOLVERS]
 

@@ -1,0 +1,1 @@
+"""Micro-benchmarks of solver steps (``python -m experiments.benchmarks.X``)."""

@@ -1,0 +1,86 @@
+"""Tests of the SVM bilevel problems of experiments/svm.py."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bilevel
+from experiments import svm
+from experiments.configs import lv_hba_svm
+
+
+@pytest.fixture(scope="module")
+def data():
+  return svm.make_data(jax.random.key(0), "breast_cancer", num_train=100,
+                       num_val=60, num_test=80, noise_rate=0.4)
+
+
+@pytest.fixture(scope="module")
+def batch(data):
+  return {"x": jnp.asarray(data.train_x), "y": jnp.asarray(data.train_y)}
+
+
+def test_label_flipping_counts(data):
+  assert data.flipped.sum() == 40
+  np.testing.assert_array_equal(data.train_y != data.train_clean_y,
+                                data.flipped)
+  np.testing.assert_array_equal(data.train_y[data.flipped],
+                                -data.train_clean_y[data.flipped])
+  assert set(np.unique(data.val_y)) == {-1.0, 1.0}
+  np.testing.assert_allclose(data.train_x.mean(0), 0.0, atol=1e-5)
+
+
+def test_constraints_sign_and_shape(batch):
+  c = jnp.zeros(100)
+  lower = {"w": jnp.ones(30), "b": jnp.zeros([]), "xi": jnp.zeros(100)}
+  g = svm.constraints(c, lower, batch)
+  assert g.shape == (100,)
+  feasible = {**lower, "xi": svm.optimal_slacks(lower, batch)}
+  assert jnp.all(svm.constraints(c, feasible, batch) <= 1e-6)
+  # A point with a violated margin and zero slack is infeasible (g > 0).
+  m = svm.margins(lower, batch["x"], batch["y"])
+  np.testing.assert_array_equal(g > 0, m < 1)
+
+
+def test_constrained_and_relaxed_lower_levels_agree(batch):
+  c = jax.random.uniform(jax.random.key(1), (100,), minval=-3, maxval=0)
+  lower = svm.solve_relaxed(c, {"w": jnp.zeros(30), "b": jnp.zeros([])},
+                            batch, num_iters=30)
+  grad = jax.grad(svm.relaxed_inner_loss, argnums=1)(c, lower, batch)
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad)) < 1e-4
+  xi = svm.optimal_slacks(lower, batch)
+  full = {**lower, "xi": xi}
+  np.testing.assert_allclose(
+      svm.constrained_inner_loss(c, full, batch),
+      svm.relaxed_inner_loss(c, lower, batch), rtol=1e-6)
+  # KKT of the constrained form: λ = e^c ξ ≥ 0 and ∇_w(½‖w‖²) = Σ λᵢyᵢzᵢ.
+  lam = jnp.exp(c) * xi
+  np.testing.assert_allclose(lower["w"], batch["x"].T @ (lam * batch["y"]),
+                             atol=1e-4)
+  np.testing.assert_allclose(jnp.sum(lam * batch["y"]), 0.0, atol=1e-4)
+
+
+def test_projections_are_feasible(batch):
+  lower = {"w": 0.1 * jnp.ones(30), "b": jnp.zeros([]), "xi": jnp.zeros(100)}
+  dykstra = lambda l, b: svm.project_margins(l, b, num_iters=20_000)
+  for project in (svm.restore_feasibility, dykstra):
+    out = project(lower, batch)
+    assert jnp.max(svm.constraints(None, out, batch)) < 1e-3
+
+
+@pytest.mark.parametrize("variant", ["smoke", "smoke,implicit"])
+def test_smoke_steps_are_finite(variant):
+  config = lv_hba_svm.get_config(variant + ",cleaning")
+  config.data.num_train, config.data.num_val = 100, 60
+  config.data.num_test = 80
+  task = svm.task_from_config(config, jax.random.key(0))
+  tx = svm.solver_from_config(config.solver)
+  step = bilevel.make_step(tx, task.problem)
+  params, state = task.init_params, tx.init(task.init_params)
+  for i in range(config.train.num_steps):
+    params, state, metrics = step(params, state, task.batches(i))
+  assert all(jnp.all(jnp.isfinite(l)) for l in jax.tree.leaves(params))
+  assert jnp.isfinite(metrics["outer_loss"])
+  results = task.evaluate(params)
+  assert 0.5 < results["test_accuracy"] <= 1.0
