@@ -254,7 +254,48 @@ def project_margins(lower, batch, *, num_iters: int = 1000,
   return {"w": out[:d], "b": out[d], "xi": out[d + 1:]}
 
 
-PROJECTIONS = {"slack": restore_feasibility, "polyhedron": project_margins}
+def project_margins_exact(lower, batch, *, num_iters: int = 10):
+  """Exact Euclidean projection of ``(w, b, ξ)`` onto ``{ξᵢ + mᵢ(w, b) ≥ 1}``.
+
+  For fixed ``v = (w, b)`` the nearest feasible slacks are
+  ``ξᵢ = max(ξ⁰ᵢ, 1 − mᵢ(v))``, so the projection reduces to the strongly
+  convex, piecewise-quadratic problem in ``d + 1`` variables
+
+      min_v ½‖v − v⁰‖² + ½ Σᵢ max(0, 1 − ξ⁰ᵢ − mᵢ(v))²,
+
+  minimized by generalized Newton with the line search of
+  :func:`solve_relaxed` (Hessian ``I + Z̃ᵀ diag([active]) Z̃ ⪰ I``; a few
+  steps reach machine precision, as the active set settles). Unlike
+  :func:`restore_feasibility` it moves ``(w, b)`` too — the ``Π_C`` of
+  LV-HBA's step, which the official code solves with cvxpy/ECOS; unlike
+  :func:`project_margins` (Dykstra) it costs ``O(N d²)`` per Newton step and
+  converges on thousands of rows.
+  """
+  x, y = batch["x"], batch["y"]
+  z = jnp.concatenate([x, jnp.ones_like(x[:, :1])], axis=1) * y[:, None]
+  v0 = jnp.concatenate([lower["w"], lower["b"][None]])
+  xi0 = lower["xi"]
+  steps = 0.5 ** jnp.arange(10, dtype=v0.dtype)
+
+  def loss(v):
+    return 0.5 * jnp.sum((v - v0) ** 2) + 0.5 * jnp.sum(
+        jax.nn.relu(1.0 - xi0 - z @ v) ** 2)
+
+  def step(v, _):
+    hinge = jax.nn.relu(1.0 - xi0 - z @ v)
+    grad = (v - v0) - z.T @ hinge
+    hess = (z.T * (hinge > 0)) @ z + jnp.eye(v.size, dtype=v.dtype)
+    dv = -jnp.linalg.solve(hess, grad)
+    values = jax.vmap(lambda t: loss(v + t * dv))(steps)
+    best = jnp.argmin(values)
+    return jnp.where(values[best] <= loss(v), v + steps[best] * dv, v), None
+
+  v, _ = jax.lax.scan(step, v0, length=num_iters)
+  return {"w": v[:-1], "b": v[-1], "xi": jnp.maximum(xi0, 1.0 - z @ v)}
+
+
+PROJECTIONS = {"slack": restore_feasibility, "polyhedron": project_margins,
+               "exact": project_margins_exact}
 
 
 def feasibility_projection(
@@ -268,7 +309,9 @@ def feasibility_projection(
   its config alone).
 
   Args:
-    projection: ``'slack'`` (:func:`restore_feasibility`), ``'polyhedron'``
+    projection: ``'exact'`` (:func:`project_margins_exact`), ``'slack'``
+      (:func:`restore_feasibility`, not a projection of ``(w, b, ξ)``: it
+      leaves ``w`` to shrink under ``∇_w f``), ``'polyhedron'``
       (:func:`project_margins`) or ``'none'`` (lower level unprojected).
     upper_box: ``(c_min, c_max)``, a box on the log-weights, or None.
 
@@ -550,8 +593,8 @@ def solver_from_config(cfg: ml_collections.ConfigDict
 
   ``cfg.method`` is ``'lv_hba'`` or ``'implicit'``:
 
-  ``'lv_hba'``: :func:`bilevel.lv_hba` with SGD(α), or Adam on ``c`` when
-  ``cfg.upper_optimizer.name == 'adam'``, followed by
+  ``'lv_hba'``: :func:`bilevel.lv_hba` with SGD(α) on the lower level and
+  ``cfg.upper_optimizer`` (SGD or Adam, its own step) on ``c``, followed by
   :func:`feasibility_projection` (``cfg.projection``, ``cfg.upper_box``).
   ``'implicit'``: :func:`bilevel.implicit` with Newton's method
   (:func:`solve_relaxed`, ``cfg.inner_solver == 'newton'``) or
@@ -566,8 +609,7 @@ def solver_from_config(cfg: ml_collections.ConfigDict
   if cfg.method != "lv_hba":
     raise ValueError(f"Unknown SVM solver method {cfg.method!r}; valid:"
                      " implicit, lv_hba")
-  upper = (_optimizer(cfg.upper_optimizer)
-           if cfg.upper_optimizer.name != "sgd" else None)
+  upper = _optimizer(cfg.upper_optimizer)
   tx = bilevel.lv_hba(
       cfg.num_constraints, alpha=cfg.alpha, beta=cfg.beta, eta=cfg.eta,
       gamma1=cfg.gamma1, gamma2=cfg.gamma2, c=cfg.c, p=cfg.p,

@@ -31,6 +31,11 @@ def _root_keys(seed: int) -> dict[str, jax.Array]:
   return {"task": task_key, "train": train_key}
 
 
+def task_key(config: ml_collections.ConfigDict) -> jax.Array:
+  """The PRNG key the loops build ``config``'s task with (data, init)."""
+  return _root_keys(config.seed)["task"]
+
+
 def _train_state(params, solver_state, step, key):
   return {
       "params": params,

@@ -5,10 +5,12 @@ r"""LV-HBA vs implicit differentiation vs grid search on the SVM problems.
 airplane vs automobile; every method from the configs in
 experiments/configs/lv_hba_svm.py. Prints a markdown table; wall time is
 given with compilation (lower + compile + run) and without (the compiled
-run alone).
+run alone). With ``--seeds=N`` every cell is the mean ± std over N seeds
+(each seed draws its own splits, label flips and initial c); wall times are
+means.
 
   python -m experiments.benchmarks.lv_hba_svm_table \
-      --data_dir=../shared/data/cifar10
+      --data_dir=../shared/data/cifar10 --seeds=5
 """
 
 import time
@@ -23,6 +25,7 @@ from experiments.configs import lv_hba_svm
 
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "CIFAR-10 directory; empty"
                                 " skips CIFAR-10.")
+_SEEDS = flags.DEFINE_integer("seeds", 1, "Number of seeds (0, 1, ...).")
 _GRID = np.linspace(-12.0, 4.0, 17)
 
 
@@ -57,43 +60,66 @@ def run_grid(data):
   return metrics, time.perf_counter() - start
 
 
-def rows_for(name, variants, data_dir):
-  """The table rows of one dataset, both settings, all methods."""
-  rows = []
+def _cells(name, variants, data_dir, seed):
+  """One seed's cells: ``{(setting, method): (metrics, wall times)}``."""
+  cells = {}
   for setting, extra in (("(b) clean", ""), ("(c) 40 % flipped",
                                              ",cleaning")):
     config = lv_hba_svm.get_config(variants + extra)
     config.data.data_dir = data_dir
+    config.seed = seed
     data = svm.data_from_config(config, jax.random.key(config.seed))
     grid, grid_s = run_grid(data)
-    rows.append((name, setting, f"grid search, c = {grid['log_c']:g}",
-                 grid, f"{grid_s:.1f} s (vmapped {len(_GRID)} solves)"))
+    cells[setting, f"grid search ({len(_GRID)} shared c)"] = (
+        grid, (grid_s, grid_s))
     for label, variant in (("implicit (relaxed, Newton)", ",implicit"),
                            ("LV-HBA", "")):
       config = lv_hba_svm.get_config(variants + extra + variant)
       config.data.data_dir = data_dir
+      config.seed = seed
       metrics, total, run = run_bilevel(config, data)
-      label += f", {config.train.num_steps} steps"
-      rows.append((name, setting, label, metrics,
-                   f"{total:.1f} s / {run:.1f} s"))
+      cells[setting, f"{label}, {config.train.num_steps} steps"] = (
+          metrics, (total, run))
+  return cells
+
+
+def _summary(values):
+  values = [v for v in values if v is not None]
+  if not values:
+    return "—"
+  if len(values) == 1:
+    return f"{values[0]:.3f}"
+  return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+
+
+def rows_for(name, variants, data_dir, seeds):
+  """The table rows of one dataset: both settings, all methods, all seeds."""
+  per_seed = [_cells(name, variants, data_dir, s) for s in range(seeds)]
+  rows = []
+  for key in per_seed[0]:
+    runs = [cells[key] for cells in per_seed]
+    metric = lambda k, runs=runs: _summary([m.get(k) for m, _ in runs])
+    total = np.mean([w[0] for _, w in runs])
+    run = np.mean([w[1] for _, w in runs])
+    rows.append((name, *key, metric("val_accuracy"), metric("test_accuracy"),
+                 metric("auroc"), f"{total:.1f} s / {run:.1f} s"))
   return rows
 
 
 def main(argv):
   del argv
   jax.config.update("jax_platforms", "cpu")
-  rows = rows_for("breast cancer (300 / 120 / 149)", "", "")
+  seeds = _SEEDS.value
+  rows = rows_for("breast cancer (300 / 120 / 149)", "", "", seeds)
   if _DATA_DIR.value:
     rows += rows_for("CIFAR-10 (JPEG) airplane/automobile, 8x8x3 (2000 /"
-                     " 500 / 2000)", "cifar10", _DATA_DIR.value)
+                     " 500 / 2000)", "cifar10", _DATA_DIR.value, seeds)
+  print(f"seeds: {seeds}")
   print("| dataset | setting | method | val acc | test acc | AUROC of c |"
         " wall time (with / without compile) |")
   print("|---|---|---|---|---|---|---|")
-  for name, setting, method, m, wall in rows:
-    auroc = m.get("auroc")
-    auroc = "—" if auroc is None else f"{auroc:.3f}"
-    print(f"| {name} | {setting} | {method} | {m['val_accuracy']:.3f} |"
-          f" {m['test_accuracy']:.3f} | {auroc} | {wall} |")
+  for row in rows:
+    print("| " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":

@@ -64,9 +64,27 @@ def test_constrained_and_relaxed_lower_levels_agree(batch):
 def test_projections_are_feasible(batch):
   lower = {"w": 0.1 * jnp.ones(30), "b": jnp.zeros([]), "xi": jnp.zeros(100)}
   dykstra = lambda l, b: svm.project_margins(l, b, num_iters=20_000)
-  for project in (svm.restore_feasibility, dykstra):
+  for project in (svm.restore_feasibility, dykstra, svm.project_margins_exact):
     out = project(lower, batch)
     assert jnp.max(svm.constraints(None, out, batch)) < 1e-3
+
+
+def test_exact_projection_is_nearest(batch):
+  key_w, key_xi = jax.random.split(jax.random.key(1))
+  lower = {"w": 0.3 * jax.random.normal(key_w, (30,)), "b": jnp.array(0.2),
+           "xi": 0.5 * jax.random.normal(key_xi, (100,))}
+  dist = lambda p: sum(jnp.sum((p[k] - lower[k]) ** 2) for k in lower)
+  exact = svm.project_margins_exact(lower, batch)
+  assert jnp.max(svm.constraints(None, exact, batch)) < 1e-5
+  # No farther than the feasible point of the ξ-only projection, and
+  # stationary: the reduced objective's gradient vanishes.
+  assert dist(exact) <= dist(svm.restore_feasibility(lower, batch)) + 1e-6
+  z = jnp.concatenate([batch["x"], jnp.ones_like(batch["x"][:, :1])], 1)
+  z = z * batch["y"][:, None]
+  v = jnp.concatenate([exact["w"], exact["b"][None]])
+  v0 = jnp.concatenate([lower["w"], lower["b"][None]])
+  grad = v - v0 - z.T @ jax.nn.relu(1.0 - lower["xi"] - z @ v)
+  assert jnp.linalg.norm(grad) < 1e-4
 
 
 @pytest.mark.parametrize("variant", ["smoke", "smoke,implicit"])
