@@ -17,7 +17,7 @@ import tempfile
 import jax.numpy as jnp
 from absl import app, flags
 
-from experiments import svm, train
+from experiments import svm, svm_problem, svm_solvers, train
 from experiments.configs import lv_hba_svm
 
 _SEEDS = flags.DEFINE_integer("seeds", 5, "Number of seeds (0, 1, ...).")
@@ -39,9 +39,10 @@ def diagnose(variant: str, seed: int) -> dict[str, float]:
   c, c0 = jnp.asarray(params.upper), jnp.asarray(task.init_params.upper)
   start = {"w": jnp.asarray(params.lower["w"]),
            "b": jnp.asarray(params.lower["b"])}
-  test = lambda lower: float(svm.accuracy(
+  test = lambda lower: float(svm_problem.accuracy(
       lower, jnp.asarray(data.test_x), jnp.asarray(data.test_y)))
-  solve = lambda upper: svm.solve_relaxed(upper, start, batch, num_iters=50)
+  solve = lambda upper: svm_solvers.solve_relaxed(upper, start, batch,
+                                                  num_iters=50)
   return {
       "test(y)": results["test_accuracy"],
       "test(y*(c))": test(solve(c)),

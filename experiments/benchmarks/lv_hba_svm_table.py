@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 
 import bilevel
-from experiments import svm
+from experiments import svm, svm_solvers
 from experiments.configs import lv_hba_svm
 
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "CIFAR-10 directory; empty"
@@ -56,7 +56,7 @@ def run_bilevel(config, data):
 
 def run_grid(data):
   start = time.perf_counter()
-  metrics = svm.grid_search(data, _GRID)
+  metrics = svm_solvers.grid_search(data, _GRID)
   return metrics, time.perf_counter() - start
 
 

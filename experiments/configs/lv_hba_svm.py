@@ -2,8 +2,8 @@ r"""LV-HBA on linear-SVM hyper-parameter optimisation and data hyper-cleaning.
 
 Upper level: one log-weight cᵢ per training example; lower level: the
 soft-margin SVM (w, b, ξ) with per-example margin constraints; outer loss: a
-smoothed validation 0-1 error (experiments/svm.py). Default: scikit-learn's
-breast-cancer set (300 / 120 / 149), clean labels, LV-HBA.
+smoothed validation 0-1 error (experiments/svm_problem.py). Default:
+scikit-learn's breast-cancer set (300 / 120 / 149), clean labels, LV-HBA.
 
 Run (from the repository root, no download):
 
@@ -19,8 +19,9 @@ Variants (comma-separated after a colon):
   implicit  baseline: implicit differentiation (Newton inner solver) on the
             relaxed (squared-hinge) lower level
 
-The grid-search baseline (one shared c) is experiments.svm.grid_search, run
-by experiments/benchmarks/lv_hba_svm_table.py with every method.
+The grid-search baseline (one shared c) is
+experiments.svm_solvers.grid_search, run by
+experiments/benchmarks/lv_hba_svm_table.py with every method.
 """
 
 import ml_collections

@@ -1,4 +1,4 @@
-"""Tests of the SVM bilevel problems of experiments/svm.py."""
+"""Tests of the SVM experiments: experiments/svm{,_problem,_solvers}.py."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import bilevel
-from experiments import svm
+from experiments import svm, svm_problem, svm_solvers
 from experiments.configs import lv_hba_svm
 
 
@@ -34,26 +34,26 @@ def test_label_flipping_counts(data):
 def test_constraints_sign_and_shape(batch):
   c = jnp.zeros(100)
   lower = {"w": jnp.ones(30), "b": jnp.zeros([]), "xi": jnp.zeros(100)}
-  g = svm.constraints(c, lower, batch)
+  g = svm_problem.constraints(c, lower, batch)
   assert g.shape == (100,)
-  feasible = {**lower, "xi": svm.optimal_slacks(lower, batch)}
-  assert jnp.all(svm.constraints(c, feasible, batch) <= 1e-6)
+  feasible = {**lower, "xi": svm_solvers.optimal_slacks(lower, batch)}
+  assert jnp.all(svm_problem.constraints(c, feasible, batch) <= 1e-6)
   # A point with a violated margin and zero slack is infeasible (g > 0).
-  m = svm.margins(lower, batch["x"], batch["y"])
+  m = svm_problem.margins(lower, batch["x"], batch["y"])
   np.testing.assert_array_equal(g > 0, m < 1)
 
 
 def test_constrained_and_relaxed_lower_levels_agree(batch):
   c = jax.random.uniform(jax.random.key(1), (100,), minval=-3, maxval=0)
-  lower = svm.solve_relaxed(c, {"w": jnp.zeros(30), "b": jnp.zeros([])},
-                            batch, num_iters=30)
-  grad = jax.grad(svm.relaxed_inner_loss, argnums=1)(c, lower, batch)
+  lower = svm_solvers.solve_relaxed(
+      c, {"w": jnp.zeros(30), "b": jnp.zeros([])}, batch, num_iters=30)
+  grad = jax.grad(svm_problem.relaxed_inner_loss, argnums=1)(c, lower, batch)
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad)) < 1e-4
-  xi = svm.optimal_slacks(lower, batch)
+  xi = svm_solvers.optimal_slacks(lower, batch)
   full = {**lower, "xi": xi}
   np.testing.assert_allclose(
-      svm.constrained_inner_loss(c, full, batch),
-      svm.relaxed_inner_loss(c, lower, batch), rtol=1e-6)
+      svm_problem.constrained_inner_loss(c, full, batch),
+      svm_problem.relaxed_inner_loss(c, lower, batch), rtol=1e-6)
   # KKT of the constrained form: λ = e^c ξ ≥ 0 and ∇_w(½‖w‖²) = Σ λᵢyᵢzᵢ.
   lam = jnp.exp(c) * xi
   np.testing.assert_allclose(lower["w"], batch["x"].T @ (lam * batch["y"]),
@@ -63,10 +63,11 @@ def test_constrained_and_relaxed_lower_levels_agree(batch):
 
 def test_projections_are_feasible(batch):
   lower = {"w": 0.1 * jnp.ones(30), "b": jnp.zeros([]), "xi": jnp.zeros(100)}
-  dykstra = lambda l, b: svm.project_margins(l, b, num_iters=20_000)
-  for project in (svm.restore_feasibility, dykstra, svm.project_margins_exact):
+  dykstra = lambda l, b: svm_solvers.project_margins(l, b, num_iters=20_000)
+  for project in (svm_solvers.restore_feasibility, dykstra,
+                  svm_solvers.project_margins_exact):
     out = project(lower, batch)
-    assert jnp.max(svm.constraints(None, out, batch)) < 1e-3
+    assert jnp.max(svm_problem.constraints(None, out, batch)) < 1e-3
 
 
 def test_exact_projection_is_nearest(batch):
@@ -74,11 +75,12 @@ def test_exact_projection_is_nearest(batch):
   lower = {"w": 0.3 * jax.random.normal(key_w, (30,)), "b": jnp.array(0.2),
            "xi": 0.5 * jax.random.normal(key_xi, (100,))}
   dist = lambda p: sum(jnp.sum((p[k] - lower[k]) ** 2) for k in lower)
-  exact = svm.project_margins_exact(lower, batch)
-  assert jnp.max(svm.constraints(None, exact, batch)) < 1e-5
+  exact = svm_solvers.project_margins_exact(lower, batch)
+  assert jnp.max(svm_problem.constraints(None, exact, batch)) < 1e-5
   # No farther than the feasible point of the ξ-only projection, and
   # stationary: the reduced objective's gradient vanishes.
-  assert dist(exact) <= dist(svm.restore_feasibility(lower, batch)) + 1e-6
+  nearest_xi = svm_solvers.restore_feasibility(lower, batch)
+  assert dist(exact) <= dist(nearest_xi) + 1e-6
   z = jnp.concatenate([batch["x"], jnp.ones_like(batch["x"][:, :1])], 1)
   z = z * batch["y"][:, None]
   v = jnp.concatenate([exact["w"], exact["b"][None]])
