@@ -57,6 +57,7 @@ from bilevel._base import (
     require_extra_args,
     upcast,
 )
+from bilevel._bip import BiPState, bip, scale_by_bip
 from bilevel._implicit import ImplicitState, implicit, scale_by_implicit
 from bilevel._implicit_diff import (
     custom_fixed_point,
@@ -70,6 +71,13 @@ from bilevel._linear_solve import (
     solve_normal_cg,
 )
 from bilevel._lv_hba import LVHBAState, lv_hba, scale_by_lv_hba
+from bilevel._masks import (
+    binarize,
+    straight_through_topk,
+    straight_through_topk_per_leaf,
+    topk_mask,
+    topk_mask_per_leaf,
+)
 from bilevel._project import project_params
 from bilevel._projections import (
     DykstraInfo,
@@ -86,6 +94,7 @@ from bilevel._projections import (
 from bilevel._unrolled import UnrolledState, scale_by_unrolled, unrolled
 
 __all__ = (
+    "BiPState",
     "DykstraInfo",
     "ImplicitState",
     "LVHBAState",
@@ -93,6 +102,8 @@ __all__ = (
     "PerLevelState",
     "Problem",
     "UnrolledState",
+    "binarize",
+    "bip",
     "cast_like",
     "custom_fixed_point",
     "custom_root",
@@ -114,12 +125,17 @@ __all__ = (
     "projection_simplex",
     "reference_problems",
     "require_extra_args",
+    "scale_by_bip",
     "scale_by_implicit",
     "scale_by_lv_hba",
     "scale_by_unrolled",
     "solve_cg",
     "solve_neumann",
     "solve_normal_cg",
+    "straight_through_topk",
+    "straight_through_topk_per_leaf",
+    "topk_mask",
+    "topk_mask_per_leaf",
     "unrolled",
     "upcast",
 )

@@ -532,3 +532,41 @@ def halfspace_projection(inner_batch) -> Callable[[Params], Params]:
     return Params(x, y - a * jnp.maximum(a @ y - b, 0) / (a @ a))
 
   return projection
+
+
+def _masked_squared_loss(m, theta, batch):
+  x, y = batch
+  return 0.5 * jnp.sum((x @ (m * theta) - y) ** 2)
+
+
+def masked_regression(key, n=40, dim=16, k=4, gamma=0.1,
+                      dtype=jnp.float32) -> ReferenceProblem:
+  """R5's support recovery: BiP on a masked linear regression.
+
+  ``ℓ(z) = ½‖Xz − y‖²`` with ``X: [n, dim]`` orthonormal columns and
+  ``y = Xθ°``, ``θ°`` ``k``-sparse (magnitudes in ``[1, 2]``). Both losses are
+  ``ℓ(m ⊙ θ)`` (upper = mask ``m``, lower = weights ``θ``); the lower level is
+  ridge-regularised by the solver, ``g = ℓ(m ⊙ θ) + (γ/2)‖θ‖²`` (BiP adds
+  ``γθ`` itself). Then ``θ*(m) = m ⊙ θ°/(m² + γ)``,
+  ``Φ(m) = ½Σ θ°ᵢ² γ²/(mᵢ² + γ)²``,
+  ``∇Φ(m) = −2γ² θ°² ⊙ m/(m² + γ)³``, and over the capped simplex
+  ``{m ∈ [0, 1]ᵈ, 1ᵀm ≤ k}`` the optimum is the support mask
+  ``x* = 1[θ° ≠ 0]``. ``init`` is the uniform mask ``k/(2·dim)`` with
+  ``θ = 0``.
+  """
+  wide = _wide(dtype)
+  keys = jax.random.split(key, 2)
+  x, _ = jnp.linalg.qr(jax.random.normal(keys[0], (n, dim), wide))
+  support = jax.random.choice(keys[1], dim, (k,), replace=False)
+  theta0 = jnp.zeros(dim, wide).at[support].set(
+      jnp.linspace(1.0, 2.0, k, dtype=wide))
+  batch = _cast((x, x @ theta0), dtype)
+  return ReferenceProblem(
+      problem=Problem(_masked_squared_loss, _masked_squared_loss),
+      init=Params(jnp.full([dim], 0.5 * k / dim, dtype),
+                  jnp.zeros([dim], dtype)),
+      batches=_batches(batch, batch),
+      hypergradient=lambda m: (-2 * gamma ** 2 * theta0 ** 2 * m
+                               / (m ** 2 + gamma) ** 3).astype(dtype),
+      lower_solution=lambda m: (m * theta0 / (m ** 2 + gamma)).astype(dtype),
+      upper_optimum=(theta0 != 0).astype(dtype))

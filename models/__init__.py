@@ -1,3 +1,16 @@
 """Flax NNX models."""
 
+from models.masking import MASK_MODES as MASK_MODES
+from models.masking import MaskedConv as MaskedConv
+from models.masking import MaskedLinear as MaskedLinear
+from models.masking import MaskFn as MaskFn
+from models.masking import MaskScore as MaskScore
+from models.masking import identity_mask as identity_mask
+from models.masking import merge_levels as merge_levels
+from models.masking import score_shape as score_shape
+from models.masking import sparsity as sparsity
+from models.masking import split_levels as split_levels
 from models.mlp import MLP as MLP
+from models.resnet_cifar import VALID_DEPTHS as VALID_DEPTHS
+from models.resnet_cifar import ResNetCIFAR as ResNetCIFAR
+from models.resnet_cifar import SmallCNN as SmallCNN

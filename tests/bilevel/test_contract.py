@@ -31,14 +31,18 @@ class SolverCase:
       name lets a row pick step sizes suited to it (never the checks); an
       ``upper_optimizer`` given by a check replaces the row's default.
     required: extra arguments whose absence must raise ``TypeError``.
-    steps: outer steps to converge on R1 and R2.
+    steps: outer steps to converge on each of ``problems``.
     tol: relative distance to x* accepted after ``steps``.
+    problems: names of the reference problems (keys of ``_PROBLEMS``) the
+      checks run the row on: convergence on each, the cheap checks on the
+      first, the dtype, sharding and checkpoint checks on the last.
   """
   name: str
   make: Callable[..., optax.GradientTransformation]
   required: tuple[str, ...]
   steps: int = 60
   tol: float = 1e-3
+  problems: tuple[str, ...] = ("r1", "r2")
 
 
 # Inner step sizes: R1's inner Hessian is 1; R2's has spectrum in
@@ -71,8 +75,18 @@ SOLVERS = (
         steps=1000,
         tol=5e-3,
     ),
+    # BiP's upper level is a mask: R1/R2 do not fit its loss form.
+    SolverCase(
+        name="bip",
+        make=lambda p, upper=None: bilevel.bip(
+            upper or optax.sgd(0.1), optax.sgd(0.5), gamma=0.1, budget=4),
+        required=("outer_loss", "inner_loss"),
+        problems=("masked_regression",),
+    ),
 )
 IDS = [c.name for c in SOLVERS]
+CONVERGENCE = [pytest.param(c, p, id=f"{c.name}-{p}")
+               for c in SOLVERS for p in c.problems]
 
 
 def _r2(dtype=jnp.float32, dim=16):
@@ -80,8 +94,16 @@ def _r2(dtype=jnp.float32, dim=16):
       jax.random.key(0), dim_upper=dim, dim_lower=dim, dtype=dtype)
 
 
+_PROBLEMS = {
+    "r1": lambda dtype: reference_problems.r1(dtype=dtype),
+    "r2": _r2,
+    "masked_regression": lambda dtype: reference_problems.masked_regression(
+        jax.random.key(0), dim=16, k=4, dtype=dtype),
+}
+
+
 def _problem(name, dtype=jnp.float32):
-  return reference_problems.r1(dtype=dtype) if name == "r1" else _r2(dtype)
+  return _PROBLEMS[name](dtype)
 
 
 def _extra_args(ref):
@@ -103,8 +125,8 @@ def _outer_grads(ref, params):
 
 @pytest.mark.parametrize("case", SOLVERS, ids=IDS)
 def test_compiles_under_jit(case):
-  ref = _problem("r2")
-  tx = case.make("r2")
+  ref = _problem(case.problems[-1])
+  tx = case.make(case.problems[-1])
   state = jax.jit(tx.init)(ref.init)
   update = jax.jit(lambda g, s, p: tx.update(g, s, p, **_extra_args(ref)))
   updates, _ = update(_outer_grads(ref, ref.init), state, ref.init)
@@ -114,8 +136,8 @@ def test_compiles_under_jit(case):
 
 @pytest.mark.parametrize("case", SOLVERS, ids=IDS)
 def test_ignores_unknown_extra_args(case):
-  ref = _problem("r1")
-  tx = case.make("r1")
+  ref = _problem(case.problems[0])
+  tx = case.make(case.problems[0])
   state = tx.init(ref.init)
   grads = _outer_grads(ref, ref.init)
   expected, _ = tx.update(grads, state, ref.init, **_extra_args(ref))
@@ -126,8 +148,8 @@ def test_ignores_unknown_extra_args(case):
 
 @pytest.mark.parametrize("case", SOLVERS, ids=IDS)
 def test_missing_required_extra_args_raise(case):
-  ref = _problem("r1")
-  tx = case.make("r1")
+  ref = _problem(case.problems[0])
+  tx = case.make(case.problems[0])
   state = tx.init(ref.init)
   grads = _outer_grads(ref, ref.init)
   for name in case.required:
@@ -140,9 +162,9 @@ def test_missing_required_extra_args_raise(case):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("case", SOLVERS, ids=IDS)
 def test_keeps_param_dtype(case, dtype):
-  ref = _problem("r2", dtype)
+  ref = _problem(case.problems[-1], dtype)
   params = jax.tree.map(lambda x: x.astype(dtype), ref.init)
-  tx = case.make("r2")
+  tx = case.make(case.problems[-1])
   state = tx.init(params)
   updates, _ = tx.update(_outer_grads(ref, params), state, params,
                          **_extra_args(ref))
@@ -156,8 +178,8 @@ def test_keeps_param_dtype(case, dtype):
 
 @pytest.mark.parametrize("case", SOLVERS, ids=IDS)
 def test_state_structure_is_stable(case):
-  ref = _problem("r2")
-  tx = case.make("r2")
+  ref = _problem(case.problems[-1])
+  tx = case.make(case.problems[-1])
   state0 = tx.init(ref.init)
   _, state3 = _run(tx, ref, ref.init, state0, steps=3)
   assert jax.tree.structure(state0) == jax.tree.structure(state3)
@@ -172,10 +194,10 @@ def test_state_shards_like_params(case):
   mesh = jax.make_mesh((8,), ("data",),
                        axis_types=(jax.sharding.AxisType.Auto,))
   sharding = NamedSharding(mesh, P("data"))
-  ref = _r2(dim=16)
+  ref = _problem(case.problems[-1])
   params = jax.device_put(ref.init, sharding)
   # Adam's moments are state shaped like the params.
-  tx = case.make("r2", optax.adam(1e-2))
+  tx = case.make(case.problems[-1], optax.adam(1e-2))
   state = jax.jit(tx.init)(params)
   step = bilevel.make_step(tx, ref.problem)
   params, state, _ = step(params, state, ref.batches)
@@ -189,8 +211,7 @@ def test_state_shards_like_params(case):
     assert s.sharding.is_equivalent_to(sharding, s.ndim), s.sharding
 
 
-@pytest.mark.parametrize("problem_name", ["r1", "r2"])
-@pytest.mark.parametrize("case", SOLVERS, ids=IDS)
+@pytest.mark.parametrize(("case", "problem_name"), CONVERGENCE)
 def test_converges(case, problem_name):
   ref = _problem(problem_name)
   tx = case.make(problem_name)
@@ -203,8 +224,8 @@ def test_converges(case, problem_name):
 
 @pytest.mark.parametrize("case", SOLVERS, ids=IDS)
 def test_checkpoint_resume_is_bit_identical(case, tmp_path):
-  ref = _problem("r2")
-  tx = case.make("r2")
+  ref = _problem(case.problems[-1])
+  tx = case.make(case.problems[-1])
   state0 = tx.init(ref.init)
   params_a, state_a = _run(tx, ref, ref.init, state0, steps=6)
 
