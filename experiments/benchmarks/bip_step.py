@@ -31,8 +31,6 @@ The steps are compiled first; the median over ``repeats`` interleaved calls
 """
 
 import argparse
-import statistics
-import time
 
 import jax
 import optax
@@ -40,6 +38,7 @@ from flax import nnx
 from jax import lax
 
 import bilevel
+from experiments.benchmarks import timing
 from models.masking import MaskScore
 from models.resnet_cifar import ResNetCIFAR
 
@@ -73,19 +72,6 @@ def _batch(key, size):
           "y": jax.random.randint(ky, (size,), 0, 10)}
 
 
-def _median_times(steps, repeats):
-  """Median seconds per call of each ``(fn, args)``, calls interleaved."""
-  for fn, args in steps:
-    jax.block_until_ready(fn(*args))  # compile
-  times = [[] for _ in steps]
-  for _ in range(repeats):
-    for (fn, args), out in zip(steps, times):
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      out.append(time.perf_counter() - start)
-  return [statistics.median(t) for t in times]
-
-
 def main(depth: int = 20, batch: int = 128,
          repeats: int = 20) -> dict[str, float]:
   """Prints and returns the median times (seconds) and the ratio."""
@@ -116,7 +102,7 @@ def main(depth: int = 20, batch: int = 128,
   cond_forward_backward = jax.jit(lambda m, t, b, take: lax.cond(
       take, grad, lambda *_: optax.tree.zeros_like(t), m, t, b))
   inner = batches["inner_batch"]
-  bip, plain, fwd, fwd_bwd, cond = _median_times(
+  bip, plain, fwd, fwd_bwd, cond = timing.median_times(
       [(bip_step, (params, tx.init(params), batches)),
        (plain_step, (theta, sgd.init(theta), inner)),
        (forward, (mask, theta, inner)),

@@ -22,14 +22,13 @@ The steps are compiled first; the median over ``repeats`` interleaved calls
 """
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import optax
 
 import bilevel
+from experiments.benchmarks import timing
 
 NUM_TRAIN, NUM_VAL, DIM = 500, 150, 30
 
@@ -87,19 +86,6 @@ def _plain_step(inner):
   return step, sgd.init
 
 
-def _median_times(steps, repeats):
-  """Median seconds per call of each ``(fn, args)``, calls interleaved."""
-  for fn, args in steps:
-    jax.block_until_ready(fn(*args))  # compile
-  times = [[] for _ in steps]
-  for _ in range(repeats):
-    for (fn, args), out in zip(steps, times):
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      out.append(time.perf_counter() - start)
-  return [statistics.median(t) for t in times]
-
-
 def main(repeats: int = 1000) -> dict[str, float]:
   """Prints and returns the median step times (seconds) and the ratios."""
   outer, inner = _data(jax.random.key(0))
@@ -114,7 +100,7 @@ def main(repeats: int = 1000) -> dict[str, float]:
       tx, bilevel.Problem(outer_loss, inner_loss, constraints))
   relaxed_step, init = _plain_step(relaxed_inner_loss)
   constrained_step, _ = _plain_step(inner_loss)
-  lv, relaxed, constrained = _median_times(
+  lv, relaxed, constrained = timing.median_times(
       [(lv_step, (params, tx.init(params), batches)),
        (relaxed_step, (params, init(params), batches)),
        (constrained_step, (params, init(params), batches))], repeats)
