@@ -40,13 +40,14 @@ def _with_ridge(matvec: MatVec, ridge: float) -> MatVec:
   return lambda v: _axpy(ridge, v, matvec(v))
 
 
-def _cg(matvec: MatVec, b: PyTree, *, tol: float,
-        maxiter: int | None) -> PyTree:
+def _cg(matvec: MatVec, b: PyTree, *, tol: float, maxiter: int | None,
+        stop_on_negative_curvature: bool = True) -> PyTree:
   """Conjugate gradient from ``x₀ = 0``, stopping on non-positive curvature.
 
-  Stops when ``‖r_k‖ ≤ tol·‖b‖``, after ``maxiter`` iterations, or when the
-  search direction has ``pᵀAp ≤ 0`` — then the current iterate is returned
-  (truncated CG, Nocedal & Wright, *Numerical Optimization*, Alg. 7.1).
+  Stops when ``‖r_k‖ ≤ tol·‖b‖``, after ``maxiter`` iterations, or (if
+  ``stop_on_negative_curvature``) when the search direction has
+  ``pᵀAp ≤ 0`` — then the current iterate is returned (truncated CG,
+  Nocedal & Wright, *Numerical Optimization*, Alg. 7.1).
   """
   if maxiter is None:
     maxiter = otu.tree_size(b)
@@ -62,7 +63,7 @@ def _cg(matvec: MatVec, b: PyTree, *, tol: float,
     k, x, r, p, rr, _ = carry
     ap = matvec(p)
     pap = otu.tree_vdot(p, ap).astype(dtype)
-    stopped = pap <= 0
+    stopped = (pap <= 0) & stop_on_negative_curvature
     alpha = jnp.where(stopped, 0, rr / jnp.where(stopped, 1, pap))
     x = _axpy(alpha, p, x)
     r = _axpy(-alpha, ap, r)
@@ -81,6 +82,7 @@ def solve_cg(
     ridge: float = 0.0,
     tol: float = 1e-10,
     maxiter: int | None = None,
+    stop_on_negative_curvature: bool = True,
 ) -> PyTree:
   """Solves ``(A + ridge·I) x = b`` by conjugate gradient, curvature-safe.
 
@@ -99,6 +101,9 @@ def solve_cg(
     tol: relative tolerance, ``‖b − (A + ridge·I) x‖ ≤ tol·‖b‖``.
     maxiter: iteration cap; ``None`` means the number of entries of ``b``
       (where exact-arithmetic CG terminates).
+    stop_on_negative_curvature: ``False`` gives plain CG (with ``tol=0``
+      exactly ``maxiter`` matrix-vector products, as hand-written CG(k)
+      baselines do); keep ``True`` on non-convex lower levels.
 
   Returns:
     ``x``, structured and typed like ``b``.
@@ -106,7 +111,8 @@ def solve_cg(
   References:
     Hestenes & Stiefel, 1952; Nocedal & Wright, 2006, Alg. 5.2 and 7.1.
   """
-  solve = functools.partial(_cg, tol=tol, maxiter=maxiter)
+  solve = functools.partial(_cg, tol=tol, maxiter=maxiter,
+                            stop_on_negative_curvature=stop_on_negative_curvature)
   return jax.lax.custom_linear_solve(
       _with_ridge(matvec, ridge), b, solve, symmetric=True)
 

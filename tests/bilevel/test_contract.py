@@ -130,8 +130,9 @@ def test_compiles_under_jit(case):
   state = jax.jit(tx.init)(ref.init)
   update = jax.jit(lambda g, s, p: tx.update(g, s, p, **_extra_args(ref)))
   updates, _ = update(_outer_grads(ref, ref.init), state, ref.init)
-  chex_tree = jax.tree.map(lambda u, p: u.shape == p.shape, updates, ref.init)
-  assert all(jax.tree.leaves(chex_tree))
+  same_shapes = jax.tree.map(lambda u, p: u.shape == p.shape, updates,
+                             ref.init)
+  assert all(jax.tree.leaves(same_shapes))
 
 
 @pytest.mark.parametrize("case", SOLVERS, ids=IDS)

@@ -101,13 +101,13 @@ def test_cg_returns_zero_when_the_first_direction_has_negative_curvature():
     np.testing.assert_array_equal(x, jnp.zeros(4))
 
 
-def _truncated_cg_reference(mat, b):
-  """Textbook CG in NumPy, returning the iterate before pᵀAp ≤ 0."""
+def _truncated_cg_reference(mat, b, iters=None, truncate=True):
+  """Textbook CG in NumPy; ``truncate``: stop before pᵀAp ≤ 0."""
   mat, b = np.asarray(mat), np.asarray(b)
   x, r, p = np.zeros_like(b), b.copy(), b.copy()
-  for _ in range(len(b)):
+  for _ in range(iters or len(b)):
     curvature = p @ mat @ p
-    if curvature <= 0:
+    if truncate and curvature <= 0:
       break
     alpha = (r @ r) / curvature
     x, r_new = x + alpha * p, r - alpha * (mat @ p)
@@ -126,6 +126,19 @@ def test_cg_stops_on_indefinite_matrix_without_diverging():
     assert 0.5 * x @ mat @ x - b @ x < 0
     residual = bilevel.linear_solve_residual(lambda v: mat @ v, x, b)
     assert residual > 1e-3  # reported, not hidden
+
+
+def test_plain_cg_takes_exactly_maxiter_steps_through_negative_curvature():
+  with jax.enable_x64(True):
+    mat, _ = _spectral(jax.random.key(11), [4.0, 3.0, 2.0, 1.0, -1.0])
+    b = jax.random.normal(jax.random.key(12), (5,), jnp.float64)
+    plain = functools.partial(bilevel.solve_cg, tol=0.0, maxiter=3,
+                              stop_on_negative_curvature=False)
+    x = plain(lambda v: mat @ v, b)
+    np.testing.assert_allclose(
+        x, _truncated_cg_reference(mat, b, iters=3, truncate=False),
+        rtol=1e-10)
+    assert not np.allclose(x, bilevel.solve_cg(lambda v: mat @ v, b))
 
 
 def test_ridge_bounds_the_solution_on_a_near_singular_indefinite_matrix():
