@@ -47,10 +47,15 @@ class BiPState(NamedTuple):
     implicit_gradient_norm: float32 scalar, ``‖IG‖`` at the last step that
       took an upper-level step (0 before the first).
     lower_grad_norm: float32 scalar, ``‖∇_θ g‖`` at the last update's input.
+    upper_loss: float32 scalar, ``ℓ_UL(m ⊙ θ)`` with ``m = mask_fn(upper)``
+      at the last upper-level step (0 before the first). With a ``mask_fn``,
+      ``make_step``'s ``outer_loss`` metric evaluates the losses at the raw
+      scores instead; read this one.
   """
   count: jax.Array
   implicit_gradient_norm: jax.Array
   lower_grad_norm: jax.Array
+  upper_loss: jax.Array
 
 
 def _broadcast_mask(mask_fn, upper, lower):
@@ -68,14 +73,14 @@ def _implicit_gradient(outer_loss, mask_fn, upper, lower, batch, *, gamma,
   # ℓ(z) = F(1, z): the all-ones mask leaves z unpruned, so ∇ℓ(z) exists
   # even where m = 0 (unlike ∇_θ ℓ / m).
   ones = jax.tree.map(jnp.ones_like, mask_fn(upper))
-  grad_z = jax.grad(outer_loss, argnums=1)(ones, z, batch)
+  loss, grad_z = jax.value_and_grad(outer_loss, argnums=1)(ones, z, batch)
   # ∇_m ℓ = Bᵀ(θ ⊙ ∇ℓ(z)) and ∇_θ ℓ = M ⊙ ∇ℓ(z), with Bᵀ the VJP of the
   # mask's broadcast (a sum over pruned groups for structured masks).
   scale = 1 / gamma if correction else 0.0
   direction = jax.tree.map(lambda t, g, m: g * (t - scale * m * g),
                            lower, grad_z, mask)
   (ig,) = mask_vjp(direction)
-  return ig
+  return ig, jnp.asarray(loss, jnp.float32)
 
 
 def scale_by_bip(
@@ -140,7 +145,7 @@ def scale_by_bip(
   def init_fn(params):
     del params
     zero = jnp.zeros([], jnp.float32)
-    return BiPState(jnp.zeros([], jnp.int32), zero, zero)
+    return BiPState(jnp.zeros([], jnp.int32), zero, zero, zero)
 
   def update_fn(outer_grads, state, params=None, **extra_args):
     del outer_grads
@@ -160,15 +165,18 @@ def scale_by_bip(
     if lower_steps == 1:
       # A model-sized backward under lax.cond ran ~36x slower on XLA:CPU
       # (experiments/benchmarks/bip_step.py); skip the cond when it is moot.
-      d_x = ig_fn()
+      d_x, upper_loss = ig_fn()
     else:
-      d_x = lax.cond(take, ig_fn, lambda: optax.tree.zeros_like(upper))
+      d_x, upper_loss = lax.cond(
+          take, ig_fn,
+          lambda: (optax.tree.zeros_like(upper), state.upper_loss))
     ig_norm = jnp.where(take, optax.tree.norm(d_x),
                         state.implicit_gradient_norm)
     state = BiPState(
         count=optax.safe_int32_increment(state.count),
         implicit_gradient_norm=jnp.asarray(ig_norm, jnp.float32),
-        lower_grad_norm=jnp.asarray(optax.tree.norm(d_y), jnp.float32))
+        lower_grad_norm=jnp.asarray(optax.tree.norm(d_y), jnp.float32),
+        upper_loss=upper_loss)
     return cast_like(Params(d_x, d_y), params), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -15,8 +15,8 @@ import optax
 
 import bilevel
 from experiments import data as data_lib
-from experiments import hyper_cleaning, lv_hba_toy, svm
-from experiments.task import Task
+from experiments import hyper_cleaning, lv_hba_toy, pruning, svm
+from experiments.task import Pipeline, Task
 
 
 def _lookup(table: Mapping[str, Any], name: str, what: str) -> Any:
@@ -119,13 +119,16 @@ def _hyper_cleaning(config: ml_collections.ConfigDict, key: jax.Array) -> Task:
   return task._replace(evaluate=evaluate)
 
 
-TASKS: dict[str, Callable[[ml_collections.ConfigDict, jax.Array], Task]] = {
+TASKS: dict[str, Callable[[ml_collections.ConfigDict, jax.Array],
+                          Task | Pipeline]] = {
     "hyper_cleaning": _hyper_cleaning,
+    "cifar_pruning": pruning.pipeline_from_config,
     "lv_hba_toy": lv_hba_toy.task_from_config,
     "lv_hba_svm": svm.task_from_config,
 }
 
 
-def build_task(config: ml_collections.ConfigDict, key: jax.Array) -> Task:
-  """The task (problem, data stream, evaluation) named by ``config.task``."""
+def build_task(config: ml_collections.ConfigDict,
+               key: jax.Array) -> Task | Pipeline:
+  """The task (or pipeline of stages) named by ``config.task``."""
   return _lookup(TASKS, config.task, "task (config key 'task')")(config, key)

@@ -1,7 +1,14 @@
-"""The interface between an experiment and the generic training loop."""
+"""The interface between an experiment and the generic training loop.
 
-from collections.abc import Callable
+A :class:`Task` is one bi-level run; a :class:`Pipeline` is a sequence of
+:class:`Stage` runs (e.g. pretrain → prune → finetune), each resumable on
+its own.
+"""
+
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
+
+import optax
 
 import bilevel
 
@@ -25,3 +32,49 @@ class Task(NamedTuple):
   init_params: bilevel.Params
   batches: Callable[[int], dict[str, Any]]
   evaluate: Callable[[bilevel.Params], dict[str, float]]
+
+
+class Stage(NamedTuple):
+  """One phase of a :class:`Pipeline`: its own solver, data and step count.
+
+  Attributes:
+    name: the stage's name; its checkpoints and metrics go to
+      ``<workdir>/<name>`` unless ``workdir`` is set.
+    solver: the transformation over ``Params`` this stage runs.
+    problem: the losses.
+    init: ``init(finals) -> Params``, the stage's starting point from
+      ``finals``, the final params of the stages before it, by name.
+    batches: ``batches(step) -> {'outer_batch': ..., ...}``, deterministic.
+    num_steps: steps of this stage.
+    evaluate: ``evaluate(params) -> {metric: float}`` after the stage, or
+      None; the last stage's is the pipeline's final evaluation.
+    workdir: a directory of its own (e.g. a pretrained model shared by
+      several pipelines), or None for ``<workdir>/<name>``.
+    step_kind: what one step costs, for compute accounting (e.g. ``'train'``
+      for a plain training step, ``'bip'`` for a BiP step).
+    params_like: this stage's params structure when it differs from the
+      pipeline's ``params_like`` (e.g. a shared stage that must not depend
+      on the options of the pipelines sharing it), else None.
+  """
+  name: str
+  solver: optax.GradientTransformation
+  problem: bilevel.Problem
+  init: Callable[[Mapping[str, bilevel.Params]], bilevel.Params]
+  batches: Callable[[int], dict[str, Any]]
+  num_steps: int
+  evaluate: Callable[[bilevel.Params], dict[str, float]] | None = None
+  workdir: str | None = None
+  step_kind: str = "train"
+  params_like: bilevel.Params | None = None
+
+
+class Pipeline(NamedTuple):
+  """Stages run in order, each starting from earlier stages' results.
+
+  Attributes:
+    params_like: params with the structure, shapes and dtypes every stage's
+      params have (used to restore checkpoints).
+    stages: the stages; the last has an ``evaluate``.
+  """
+  params_like: bilevel.Params
+  stages: Sequence[Stage]

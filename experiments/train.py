@@ -12,6 +12,7 @@ and the data stream is a pure function of the step.
 
 import json
 import pathlib
+import time
 from typing import Any
 
 import jax
@@ -23,6 +24,7 @@ from absl import logging
 import bilevel
 from experiments import checkpointing, registry
 from experiments import metrics as metrics_lib
+from experiments.task import Pipeline, Stage
 
 
 def _root_keys(seed: int) -> dict[str, jax.Array]:
@@ -71,14 +73,58 @@ def _restore(ckpt, abstract_state):
   return state
 
 
+def _train_loop(config, solver, problem, batches, num_steps, directory,
+                init_params, train_key, params_like=None):
+  """Runs (or resumes) one bi-level training loop; returns the final params.
+
+  Checkpoints and metrics go to ``directory``. ``init_params()`` is called
+  only when ``directory`` holds no checkpoint; ``params_like`` (default: its
+  result) gives the structure to restore against.
+  """
+  ckpt = _checkpointer(config, directory)
+  if params_like is None:
+    params_like = init_params()
+  abstract = jax.eval_shape(lambda: _train_state(
+      params_like, solver.init(params_like), 0, train_key))
+  state = _restore(ckpt, abstract)
+  if state is None:
+    # A copy: the step donates its inputs, and the initial params may share
+    # buffers with what other stages still need (e.g. rewound weights).
+    params = jax.tree.map(jnp.copy, init_params())
+    state = _train_state(params, solver.init(params), 0, train_key)
+  params, solver_state = state["params"], state["solver_state"]
+  key = jax.random.wrap_key_data(state["key"])
+  start = int(state["step"])
+  if start == num_steps:
+    ckpt.close()
+    return params
+  step_fn = bilevel.make_step(solver, problem, donate=True)
+  with metrics_lib.MetricWriter(
+      directory, total_steps=num_steps, start_step=start) as writer:
+    for step in range(start, num_steps):
+      params, solver_state, step_metrics = step_fn(
+          params, solver_state, batches(step))
+      done = step + 1
+      if done % config.train.log_every == 0 or done == num_steps:
+        scalars = {**step_metrics, **_diagnostics(solver_state)}
+        writer.write(done, scalars)
+        writer.progress(done, scalars)
+      if done % config.train.checkpoint_every == 0 or done == num_steps:
+        ckpt.save(done, _train_state(params, solver_state, done, key))
+  ckpt.wait()
+  ckpt.close()
+  return params
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str | pathlib.Path) -> dict[str, Any]:
-  """Trains the configured bilevel task, then evaluates it.
+  """Trains the configured bilevel task (or pipeline), then evaluates it.
 
   Args:
     config: the experiment config (see ``experiments/configs``).
     workdir: checkpoints, metrics (TensorBoard, ``metrics.jsonl``) and
       ``results.json`` go here; a run with an existing checkpoint resumes.
+      A pipeline puts each stage in a subdirectory named after it.
 
   Returns:
     The final evaluation metrics.
@@ -87,47 +133,72 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   workdir.mkdir(parents=True, exist_ok=True)
   keys = _root_keys(config.seed)
   task = registry.build_task(config, keys["task"])
+  if isinstance(task, Pipeline):
+    return _run_pipeline(config, task, workdir, keys["train"])
   tx = registry.build_solver(config.solver)
-  step_fn = bilevel.make_step(tx, task.problem, donate=True)
-
-  state = _train_state(task.init_params, tx.init(task.init_params), 0,
-                       keys["train"])
-  ckpt = _checkpointer(config, workdir)
-  state = _restore(ckpt, jax.eval_shape(lambda: state)) or state
-  params, solver_state = state["params"], state["solver_state"]
-  key = jax.random.wrap_key_data(state["key"])
-  start = int(state["step"])
-
-  num_steps = config.train.num_steps
-  writer = metrics_lib.MetricWriter(
-      workdir, total_steps=num_steps, start_step=start)
-  for step in range(start, num_steps):
-    params, solver_state, step_metrics = step_fn(
-        params, solver_state, task.batches(step))
-    done = step + 1
-    if done % config.train.log_every == 0 or done == num_steps:
-      scalars = {**step_metrics, **_diagnostics(solver_state)}
-      writer.write(done, scalars)
-      writer.progress(done, scalars)
-    if done % config.train.checkpoint_every == 0 or done == num_steps:
-      ckpt.save(done, _train_state(params, solver_state, done, key))
-  ckpt.wait()
-  ckpt.close()
-
-  results = _evaluate_and_report(
-      task, params, writer, num_steps, workdir / "results.json", "final")
-  writer.close()
-  return results
+  params = _train_loop(
+      config, tx, task.problem, task.batches, config.train.num_steps,
+      workdir, lambda: task.init_params, keys["train"])
+  with metrics_lib.MetricWriter(workdir, total_steps=0) as writer:
+    return _evaluate_and_report(
+        task.evaluate, params, writer, config.train.num_steps,
+        workdir / "results.json", "final")
 
 
-def _evaluate_and_report(task, params, writer, step, results_path, prefix):
-  results = {k: float(v) for k, v in task.evaluate(params).items()}
-  writer.write(step, results, prefix=prefix)
-  results_path.write_text(json.dumps(results, indent=2) + "\n")
+def _stage_directory(stage: Stage, workdir: pathlib.Path) -> pathlib.Path:
+  return pathlib.Path(stage.workdir) if stage.workdir else workdir / stage.name
+
+
+def _params_like(stage: Stage, pipeline: Pipeline):
+  return pipeline.params_like if stage.params_like is None else (
+      stage.params_like)
+
+
+def _run_pipeline(config, pipeline: Pipeline, workdir: pathlib.Path,
+                  train_key) -> dict[str, Any]:
+  """Runs the stages in order; a finished stage is restored, not rerun."""
+  finals, stage_results = {}, {}
+  steps_by_kind: dict[str, int] = {}
+  for stage in pipeline.stages:
+    directory = _stage_directory(stage, workdir)
+    start = time.perf_counter()
+    finals[stage.name] = _train_loop(
+        config, stage.solver, stage.problem, stage.batches, stage.num_steps,
+        directory, lambda stage=stage: stage.init(finals), train_key,
+        params_like=_params_like(stage, pipeline))
+    logging.info("stage %s: %d steps done (%.1f s in this process)",
+                 stage.name, stage.num_steps, time.perf_counter() - start)
+    if stage.workdir is None:  # a shared stage is not this pipeline's cost
+      steps_by_kind[stage.step_kind] = (
+          steps_by_kind.get(stage.step_kind, 0) + stage.num_steps)
+    if stage.evaluate is not None:
+      stage_results[stage.name] = {
+          k: float(v) for k, v in stage.evaluate(finals[stage.name]).items()}
+      _print_results(f"stage {stage.name}", stage_results[stage.name])
+  last = pipeline.stages[-1]
+  results = {**stage_results[last.name],
+             **{f"steps/{k}": v for k, v in steps_by_kind.items()}}
+  (workdir / "stages.json").write_text(
+      json.dumps(stage_results, indent=2) + "\n")
+  with metrics_lib.MetricWriter(workdir, total_steps=0) as writer:
+    return _evaluate_and_report(lambda _: results, None, writer,
+                                last.num_steps, workdir / "results.json",
+                                "final")
+
+
+def _print_results(prefix: str, results: dict[str, float]) -> None:
   logging.info("%s results: %s", prefix, results)
   print(f"{prefix} results:")
   for name, value in results.items():
     print(f"  {name:>28s}: {value:.4f}")
+
+
+def _evaluate_and_report(evaluate_fn, params, writer, step, results_path,
+                         prefix):
+  results = {k: float(v) for k, v in evaluate_fn(params).items()}
+  writer.write(step, results, prefix=prefix)
+  results_path.write_text(json.dumps(results, indent=2) + "\n")
+  _print_results(prefix, results)
   return results
 
 
@@ -135,32 +206,52 @@ def evaluate(config: ml_collections.ConfigDict,
              workdir: str | pathlib.Path) -> dict[str, Any]:
   """Restores the latest checkpoint in ``workdir`` and evaluates it.
 
+  For a pipeline, the latest checkpoint of its last stage.
+
   Raises:
     FileNotFoundError: if ``workdir`` holds no readable checkpoint.
   """
   workdir = pathlib.Path(workdir)
-  task, step, state = _restore_for_eval(config, workdir)
-  writer = metrics_lib.MetricWriter(workdir, total_steps=step)
-  results = _evaluate_and_report(
-      task, state["params"], writer, step, workdir / "eval_results.json",
-      "eval")
-  writer.close()
-  return results
+  evaluate_fn, step, state = _restore_for_eval(config, workdir)
+  with metrics_lib.MetricWriter(workdir, total_steps=step) as writer:
+    return _evaluate_and_report(
+        evaluate_fn, state["params"], writer, step,
+        workdir / "eval_results.json", "eval")
 
 
-def _restore_for_eval(config, workdir: pathlib.Path, step: int | None = None):
+def _restore_for_eval(config, workdir: pathlib.Path, step: int | None = None,
+                      stage: str | None = None):
   keys = _root_keys(config.seed)
   task = registry.build_task(config, keys["task"])
-  tx = registry.build_solver(config.solver)
+  if isinstance(task, Pipeline):
+    stages = {s.name: s for s in task.stages}
+    if stage is not None and stage not in stages:
+      raise ValueError(f"pipeline has no stage {stage!r}; stages:"
+                       f" {list(stages)}")
+    chosen = stages[stage] if stage else task.stages[-1]
+    params_like, tx = _params_like(chosen, task), chosen.solver
+    evaluate_fn = chosen.evaluate
+    workdir = _stage_directory(chosen, workdir)
+  else:
+    params_like, evaluate_fn = task.init_params, task.evaluate
+    tx = registry.build_solver(config.solver)
   abstract = jax.eval_shape(lambda: _train_state(
-      task.init_params, tx.init(task.init_params), 0, keys["train"]))
+      params_like, tx.init(params_like), 0, keys["train"]))
   ckpt = _checkpointer(config, workdir)
   step, state = ckpt.restore(abstract, step=step)
   ckpt.close()
-  return task, step, state
+  return evaluate_fn, step, state
 
 
-def load_params(workdir: str | pathlib.Path, config, step: int | None = None):
-  """The params of a checkpoint as numpy arrays (for comparisons and tools)."""
-  _, _, state = _restore_for_eval(config, pathlib.Path(workdir), step)
+def load_params(workdir: str | pathlib.Path, config, step: int | None = None,
+                stage: str | None = None):
+  """The params of a checkpoint as numpy arrays (for comparisons and tools).
+
+  Args:
+    workdir: the run's directory.
+    config: its config.
+    step: the checkpoint step; None for the latest.
+    stage: a pipeline's stage (default: its last); None for a task.
+  """
+  _, _, state = _restore_for_eval(config, pathlib.Path(workdir), step, stage)
   return jax.tree.map(np.asarray, state["params"])

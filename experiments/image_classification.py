@@ -1,0 +1,229 @@
+"""Image classification pieces of the CIFAR-10 experiments, as pure functions.
+
+* :class:`Network`: an NNX classifier seen as ``logits = apply(weights, x)``
+  over a flat ``{dotted.path: array}`` dict of its ``nnx.Param`` leaves (a
+  pytree orbax stores as is), with BatchNorm on batch statistics in training
+  and on *recalibrated* population statistics in evaluation.
+* :func:`augment`: the standard CIFAR augmentation (4-pixel padded random
+  crop, horizontal flip), drawn from an explicit key.
+* :class:`ImageData`: normalised splits on the device and deterministic
+  minibatches for step ``s``.
+
+Why recalibrate BatchNorm instead of carrying running averages: the bi-level
+step (``bilevel.make_step``) carries only ``Params`` and the solver state. The
+running averages are a function of the weights and the data; recomputing them
+after training (mean over a fixed set of training batches of the per-batch
+statistics, as PyTorch's cumulative ``momentum=None`` averaging does) gives
+statistics that match the final (pruned) weights and keeps every stage of a
+pipeline resumable from params alone. Pruning changes activation statistics,
+so pruning work recalibrates anyway.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from experiments import data as data_lib
+
+Weights = dict[str, jax.Array]
+
+PAD = 4
+
+
+def _dotted(path) -> str:
+  return ".".join(str(p) for p in path)
+
+
+class Network:
+  """A functional view of an NNX classifier ``model(x, train=...)``.
+
+  Attributes:
+    paths: the dotted paths of the ``nnx.Param`` leaves, in ``weights``
+      order.
+  """
+
+  def __init__(self, model: nnx.Module):
+    """Splits ``model`` into its static graph, weights and batch statistics.
+
+    Args:
+      model: an NNX module called as ``model(x, train=bool)``.
+    """
+    self._graphdef, params, self._rest = nnx.split(model, nnx.Param, ...)
+    flat = nnx.to_flat_state(params)
+    self._flat_paths = [path for path, _ in flat]
+    self.paths = [_dotted(path) for path in self._flat_paths]
+    self._init = {name: v[...] for name, (_, v) in zip(self.paths, flat)}
+    # A copy whose BatchNorm layers keep the last batch's statistics
+    # (momentum 0): one train-mode forward then *returns* them.
+    probe = nnx.merge(self._graphdef, params, self._rest, copy=True)
+    for _, module in nnx.iter_modules(probe):
+      if isinstance(module, nnx.BatchNorm):
+        module.momentum = 0.0
+    self._probe_graphdef = nnx.graphdef(probe)
+    self._eval_logits = jax.jit(
+        lambda w, s, x: self.apply(w, x, train=False, batch_stats=s))
+
+  def init_weights(self) -> Weights:
+    """The module's initial weights, ``{dotted.path: array}``."""
+    return dict(self._init)
+
+  def _state(self, weights: Weights) -> nnx.State:
+    missing = set(self.paths) - set(weights)
+    if missing:
+      raise ValueError(f"weights lack {sorted(missing)[:5]} (of"
+                       f" {len(missing)} missing paths)")
+    return nnx.from_flat_state(
+        {path: weights[name]
+         for path, name in zip(self._flat_paths, self.paths)})
+
+  def apply(self, weights: Weights, x: jax.Array, *, train: bool,
+            batch_stats: nnx.State | None = None) -> jax.Array:
+    """Logits ``[batch, classes]`` for images ``x`` ``[batch, h, w, c]``.
+
+    Args:
+      weights: ``{dotted.path: array}`` of every ``nnx.Param``.
+      x: a batch of inputs.
+      train: BatchNorm on the batch's statistics (training) if true.
+      batch_stats: the BatchNorm statistics for ``train=False``, from
+        :meth:`recalibrate`; default: the module's initial ones.
+    """
+    rest = self._rest if batch_stats is None else batch_stats
+    net = nnx.merge(self._graphdef, self._state(weights), rest, copy=True)
+    return net(x, train=train)
+
+  def eval_logits(self, weights: Weights, batch_stats: nnx.State,
+                  x: jax.Array) -> jax.Array:
+    """Jitted ``apply(weights, x, train=False, batch_stats=batch_stats)``."""
+    return self._eval_logits(weights, batch_stats, x)
+
+  def _batch_statistics(self, weights: Weights, x: jax.Array) -> nnx.State:
+    net = nnx.merge(self._probe_graphdef, self._state(weights), self._rest,
+                    copy=True)
+    net(x, train=True)
+    return nnx.state(net, nnx.Not(nnx.Param))
+
+  def recalibrate(self, weights: Weights, images: jax.Array,
+                  batch_size: int) -> nnx.State:
+    """Population BatchNorm statistics of ``weights`` on ``images``.
+
+    The mean over the ``images.shape[0] // batch_size`` consecutive batches
+    of each batch's mean and (biased) variance, per BatchNorm layer.
+
+    Args:
+      weights: the weights to calibrate for (masks already applied).
+      images: ``[n, h, w, c]`` training images, not augmented.
+      batch_size: images per batch; ``n`` must be a multiple.
+
+    Returns:
+      The non-``Param`` state to pass as ``batch_stats`` to :meth:`apply`.
+
+    Raises:
+      ValueError: ``n`` is not a positive multiple of ``batch_size``.
+    """
+    n = images.shape[0]
+    if n == 0 or n % batch_size:
+      raise ValueError(f"recalibrate: {n} images is not a positive multiple"
+                       f" of batch_size {batch_size}")
+    batches = images.reshape(n // batch_size, batch_size, *images.shape[1:])
+    stats = jax.lax.map(
+        lambda x: self._batch_statistics(weights, x), batches)
+    return jax.tree.map(lambda s: jnp.mean(s, axis=0), stats)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean softmax cross-entropy of ``logits`` ``[b, c]``, ``labels`` ``[b]``."""
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), labels).mean()
+
+
+def augment(key: jax.Array, images: jax.Array) -> jax.Array:
+  """Random 32x32 crops of the 4-pixel zero-padded images, and random flips.
+
+  Args:
+    key: PRNG key; each image draws its own offset and flip from it.
+    images: ``[b, h, w, c]``.
+
+  Returns:
+    ``[b, h, w, c]`` augmented images.
+  """
+  b, h, w, c = images.shape
+  padded = jnp.pad(images, ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0)))
+  k_offset, k_flip = jax.random.split(key)
+  offsets = jax.random.randint(k_offset, (b, 2), 0, 2 * PAD + 1)
+  flips = jax.random.bernoulli(k_flip, 0.5, (b,))
+
+  def one(image, offset, flip):
+    crop = jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
+    return jnp.where(flip, crop[:, ::-1], crop)
+
+  return jax.vmap(one)(padded, offsets, flips)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ImageData:
+  """Normalised image splits on the device, and their minibatch streams.
+
+  Attributes:
+    train_x: float32 ``[n_train, h, w, c]``, per-channel standardised with
+      the training split's mean and standard deviation.
+    train_y: int32 ``[n_train]``.
+    test_x: float32 ``[n_test, h, w, c]``, standardised likewise.
+    test_y: int32 ``[n_test]``.
+  """
+  train_x: jax.Array
+  train_y: jax.Array
+  test_x: jax.Array
+  test_y: jax.Array
+
+  @classmethod
+  def from_dataset(cls, dataset: data_lib.Dataset) -> "ImageData":
+    """Standardises an image :class:`experiments.data.Dataset`."""
+    if dataset.train_x.ndim != 4:
+      raise ValueError("ImageData needs images [n, h, w, c], got train_x of"
+                       f" shape {dataset.train_x.shape}")
+    mean = dataset.train_x.mean(axis=(0, 1, 2), dtype=np.float64)
+    std = dataset.train_x.std(axis=(0, 1, 2), dtype=np.float64)
+    norm = lambda x: jnp.asarray(((x - mean) / std).astype(np.float32))
+    return cls(norm(dataset.train_x), jnp.asarray(dataset.train_y),
+               norm(dataset.test_x), jnp.asarray(dataset.test_y))
+
+  def stream(self, key: jax.Array, batch_size: int) -> data_lib.BatchStream:
+    """A resumable stream over the training split (see ``BatchStream``)."""
+    return data_lib.BatchStream(key, self.train_y.shape[0], batch_size)
+
+  def batch(self, stream: data_lib.BatchStream, step: int,
+            augment_key: jax.Array | None) -> dict[str, Any]:
+    """``{'image', 'label', 'key'}`` of ``stream`` at ``step``.
+
+    ``key`` is ``fold_in(augment_key, step)`` for the loss to augment with,
+    or absent when ``augment_key`` is None.
+    """
+    index = stream.indices(step)
+    out = {"image": self.train_x[index], "label": self.train_y[index]}
+    if augment_key is not None:
+      out["key"] = jax.random.fold_in(augment_key, step)
+    return out
+
+  def calibration_images(self, num: int) -> jax.Array:
+    """The first ``num`` training images (a fixed, deterministic set)."""
+    if not 0 < num <= self.train_x.shape[0]:
+      raise ValueError(f"calibration needs 0 < num <= "
+                       f"{self.train_x.shape[0]} training images, got {num}")
+    return self.train_x[:num]
+
+
+def accuracy(network: Network, weights: Weights, batch_stats: nnx.State,
+             images: jax.Array, labels: jax.Array, batch_size: int) -> float:
+  """Top-1 accuracy on every one of ``images`` (a ragged last batch kept)."""
+  correct = 0
+  for start in range(0, images.shape[0], batch_size):
+    logits = network.eval_logits(weights, batch_stats,
+                                 images[start:start + batch_size])
+    correct += int(jnp.sum(jnp.argmax(logits, -1)
+                           == labels[start:start + batch_size]))
+  return correct / images.shape[0]

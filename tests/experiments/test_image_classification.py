@@ -1,0 +1,79 @@
+"""The functional network view, augmentation, BatchNorm recalibration."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments import image_classification as ic
+
+
+class _LinearBN(nnx.Module):
+  """x @ W then BatchNorm: the smallest model with batch statistics."""
+
+  def __init__(self, rngs):
+    self.dense = nnx.Linear(3, 2, rngs=rngs)
+    self.bn = nnx.BatchNorm(2, momentum=0.9, rngs=rngs)
+
+  def __call__(self, x, *, train):
+    return self.bn(self.dense(x), use_running_average=not train)
+
+
+def test_augment_returns_flipped_or_plain_crops_of_the_padded_image():
+  images = jax.random.normal(jax.random.key(0), (6, 5, 5, 2))
+  out = np.asarray(ic.augment(jax.random.key(1), images))
+  padded = np.pad(np.asarray(images), ((0, 0), (4, 4), (4, 4), (0, 0)))
+  for i in range(images.shape[0]):
+    candidates = [padded[i, r:r + 5, c:c + 5] for r in range(9)
+                  for c in range(9)]
+    candidates += [crop[:, ::-1] for crop in candidates]
+    assert any(np.array_equal(out[i], c) for c in candidates), i
+  again = ic.augment(jax.random.key(1), images)
+  np.testing.assert_array_equal(out, again)
+  assert not np.array_equal(out, ic.augment(jax.random.key(2), images))
+
+
+def test_apply_equals_the_module_and_recalibrate_equals_numpy():
+  model = _LinearBN(nnx.Rngs(0))
+  network = ic.Network(model)
+  weights = network.init_weights()
+  assert sorted(weights) == sorted(network.paths)
+  x = jax.random.normal(jax.random.key(3), (12, 3))
+  np.testing.assert_allclose(network.apply(weights, x, train=False),
+                             model(x, train=False), rtol=1e-6)
+  stats = network.recalibrate(weights, x, batch_size=4)
+  h = np.asarray(x) @ np.asarray(weights["dense.kernel"]) + np.asarray(
+      weights["dense.bias"])
+  batches = h.reshape(3, 4, 2)
+  np.testing.assert_allclose(stats["bn"]["mean"][...],
+                             batches.mean(axis=1).mean(axis=0), rtol=1e-5)
+  np.testing.assert_allclose(stats["bn"]["var"][...],
+                             batches.var(axis=1).mean(axis=0), rtol=1e-5)
+  expected = (h - batches.mean(axis=1).mean(axis=0)) / np.sqrt(
+      batches.var(axis=1).mean(axis=0) + 1e-5)
+  np.testing.assert_allclose(
+      network.eval_logits(weights, stats, x), expected, rtol=1e-4,
+      atol=1e-5)
+  with pytest.raises(ValueError, match="multiple of batch_size 5"):
+    network.recalibrate(weights, x, batch_size=5)
+
+
+def test_accuracy_counts_every_example_of_a_ragged_last_batch():
+  model = _LinearBN(nnx.Rngs(0))
+  network = ic.Network(model)
+  weights = network.init_weights()
+  x = jax.random.normal(jax.random.key(4), (7, 3))
+  stats = network.recalibrate(weights, x[:6], batch_size=3)
+  logits = np.asarray(network.eval_logits(weights, stats, x))
+  labels = jnp.asarray([0, 1, 1, 0, 1, 0, 1])
+  expected = np.mean(logits.argmax(-1) == np.asarray(labels))
+  assert ic.accuracy(network, weights, stats, x, labels, 3) == expected
+
+
+def test_missing_weights_are_named():
+  network = ic.Network(_LinearBN(nnx.Rngs(0)))
+  weights = network.init_weights()
+  del weights["bn.scale"]
+  with pytest.raises(ValueError, match="bn.scale"):
+    network.apply(weights, jnp.zeros((2, 3)), train=False)
