@@ -57,7 +57,7 @@ from bilevel._base import (
     require_extra_args,
     upcast,
 )
-from bilevel._bip import BiPState, bip, scale_by_bip
+from bilevel._bip import BiPState, SequentialBiPState, bip, scale_by_bip
 from bilevel._implicit import ImplicitState, implicit, scale_by_implicit
 from bilevel._implicit_diff import (
     custom_fixed_point,
@@ -101,6 +101,7 @@ __all__ = (
     "Params",
     "PerLevelState",
     "Problem",
+    "SequentialBiPState",
     "UnrolledState",
     "binarize",
     "bip",

@@ -100,10 +100,11 @@ def scale_by_bip(
   * ``d_x = ∇_m ℓ_UL − (1/γ) ∇ℓ_UL(z) ⊙ ∇_θ ℓ_UL`` at ``z = m ⊙ θ`` on every
     ``lower_steps``-th step (counting from 1), else zero.
 
-  Both are taken at the input ``(m, θ)`` (Jacobi form; the paper's
-  Algorithm A1 evaluates the IG after the θ-step). ``1/γ`` is the paper's
-  coefficient, not the released code's ``lr2`` (whose product pairs score
-  gradients with themselves, OPTML-Group/BiP#3).
+  Both are taken at the input ``(m, θ)`` (the simultaneous order that
+  composes with any per-level optimizers; the paper's Algorithm A1 takes the
+  IG after the θ-step: :func:`bip` with ``sequential=True``). ``1/γ`` is the
+  paper's coefficient, not the released code's ``lr2`` (whose product pairs
+  score gradients with themselves, OPTML-Group/BiP#3).
 
   **Loss contract.** ``outer_loss`` (ℓ_UL) and ``inner_loss`` (ℓ_LL, *without*
   the ridge: the solver adds ``(γ/2)‖θ‖²`` so that one ``γ`` serves both
@@ -142,42 +143,104 @@ def scale_by_bip(
                      f"{lower_steps=}")
   mask_fn = mask_fn or (lambda upper: upper)
 
-  def init_fn(params):
-    del params
-    zero = jnp.zeros([], jnp.float32)
-    return BiPState(jnp.zeros([], jnp.int32), zero, zero, zero)
+  mask_fn = mask_fn or (lambda upper: upper)
+  directions = functools.partial(_directions, gamma=gamma,
+                                 lower_steps=lower_steps,
+                                 correction=correction, mask_fn=mask_fn)
 
   def update_fn(outer_grads, state, params=None, **extra_args):
     del outer_grads
-    if params is None:
-      raise ValueError("scale_by_bip.update() needs params.")
-    outer_loss, inner_loss = require_extra_args(
-        "bip", extra_args, "outer_loss", "inner_loss")
-    upper, lower = upcast(params.upper), upcast(params.lower)
-    grad_theta = jax.grad(inner_loss, argnums=1)(
-        mask_fn(upper), lower, extra_args.get("inner_batch"))
-    d_y = optax.tree.add_scale(grad_theta, gamma, lower)
-
-    ig_fn = functools.partial(
-        _implicit_gradient, outer_loss, mask_fn, upper, lower,
-        extra_args.get("outer_batch"), gamma=gamma, correction=correction)
-    take = (state.count + 1) % lower_steps == 0
-    if lower_steps == 1:
-      # A model-sized backward under lax.cond ran ~36x slower on XLA:CPU
-      # (experiments/benchmarks/bip_step.py); skip the cond when it is moot.
-      d_x, upper_loss = ig_fn()
-    else:
-      d_x, upper_loss = lax.cond(
-          take, ig_fn,
-          lambda: (optax.tree.zeros_like(upper), state.upper_loss))
-    ig_norm = jnp.where(take, optax.tree.norm(d_x),
-                        state.implicit_gradient_norm)
-    state = BiPState(
-        count=optax.safe_int32_increment(state.count),
-        implicit_gradient_norm=jnp.asarray(ig_norm, jnp.float32),
-        lower_grad_norm=jnp.asarray(optax.tree.norm(d_y), jnp.float32),
-        upper_loss=upper_loss)
+    (d_x, d_y), state = directions(state, params, extra_args)
     return cast_like(Params(d_x, d_y), params), state
+
+  return optax.GradientTransformationExtraArgs(_init_state, update_fn)
+
+
+def _init_state(params) -> BiPState:
+  del params
+  zero = jnp.zeros([], jnp.float32)
+  return BiPState(jnp.zeros([], jnp.int32), zero, zero, zero)
+
+
+def _directions(state, params, extra_args, *, gamma, lower_steps, correction,
+                mask_fn, lower_step=None):
+  """``(d_x, d_y)`` and the next :class:`BiPState`.
+
+  ``lower_step(d_y) -> θ'`` (None: ``θ' = θ``) gives the weights the IG is
+  taken at: the paper's sequential order passes the θ-step.
+  """
+  if params is None:
+    raise ValueError("BiP's update() needs params.")
+  outer_loss, inner_loss = require_extra_args(
+      "bip", extra_args, "outer_loss", "inner_loss")
+  upper, lower = upcast(params.upper), upcast(params.lower)
+  grad_theta = jax.grad(inner_loss, argnums=1)(
+      mask_fn(upper), lower, extra_args.get("inner_batch"))
+  d_y = optax.tree.add_scale(grad_theta, gamma, lower)
+  ig_lower = lower if lower_step is None else lower_step(d_y)
+
+  ig_fn = functools.partial(
+      _implicit_gradient, outer_loss, mask_fn, upper, ig_lower,
+      extra_args.get("outer_batch"), gamma=gamma, correction=correction)
+  take = (state.count + 1) % lower_steps == 0
+  if lower_steps == 1:
+    # A model-sized backward under lax.cond ran ~36x slower on XLA:CPU
+    # (experiments/benchmarks/bip_step.py); skip the cond when it is moot.
+    d_x, upper_loss = ig_fn()
+  else:
+    d_x, upper_loss = lax.cond(
+        take, ig_fn,
+        lambda: (optax.tree.zeros_like(upper), state.upper_loss))
+  ig_norm = jnp.where(take, optax.tree.norm(d_x),
+                      state.implicit_gradient_norm)
+  state = BiPState(
+      count=optax.safe_int32_increment(state.count),
+      implicit_gradient_norm=jnp.asarray(ig_norm, jnp.float32),
+      lower_grad_norm=jnp.asarray(optax.tree.norm(d_y), jnp.float32),
+      upper_loss=upper_loss)
+  return (d_x, d_y), state
+
+
+class SequentialBiPState(NamedTuple):
+  """State of BiP in the paper's sequential order (``bip(sequential=True)``).
+
+  Attributes:
+    bip: the :class:`BiPState` diagnostics.
+    upper: the upper (mask / score) optimizer's state.
+    lower: the lower (weight) optimizer's state.
+  """
+  bip: BiPState
+  upper: optax.OptState
+  lower: optax.OptState
+
+
+def _sequential_bip(upper_optimizer, lower_optimizer, **direction_kwargs
+                    ) -> optax.GradientTransformationExtraArgs:
+  """Algorithm A1's order: the θ-step, then the IG at the updated θ."""
+
+  def init_fn(params):
+    return SequentialBiPState(_init_state(params),
+                              upper_optimizer.init(params.upper),
+                              lower_optimizer.init(params.lower))
+
+  def update_fn(outer_grads, state, params=None, **extra_args):
+    del outer_grads
+    lower_out = {}
+
+    def lower_step(d_y):
+      d_y = cast_like(d_y, params.lower)
+      updates, lower_out["state"] = lower_optimizer.update(
+          d_y, state.lower, params.lower)
+      lower_out["updates"] = updates
+      return upcast(optax.apply_updates(params.lower, updates))
+
+    (d_x, _), bip_state = _directions(state.bip, params, extra_args,
+                                      lower_step=lower_step,
+                                      **direction_kwargs)
+    upper_updates, upper_state = upper_optimizer.update(
+        cast_like(d_x, params.upper), state.upper, params.upper)
+    return (Params(upper_updates, lower_out["updates"]),
+            SequentialBiPState(bip_state, upper_state, lower_out["state"]))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -187,44 +250,74 @@ def bip(
     lower_optimizer: optax.GradientTransformation,
     *,
     gamma: float,
-    budget: float,
+    budget: float | None = None,
     lower_steps: int = 1,
     relaxed: bool = True,
     correction: bool = True,
+    sequential: bool = True,
+    mask_fn: Callable[[PyTree], PyTree] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """BiP (Zhang et al., NeurIPS 2022) as one optax chain.
+  """BiP (Zhang et al., NeurIPS 2022) as one optax transformation.
 
-  ``relaxed=True``: ``upper`` is the relaxed mask ``m``;
-  ``chain(scale_by_bip, per_level(upper_optimizer, lower_optimizer),
-  project_params(Π_S̃))`` with ``Π_S̃`` the projection of ``m`` onto the
-  capped simplex ``{m ∈ [0, 1]ⁿ, 1ᵀm ≤ budget}`` (θ is not projected), the
-  paper's ``m ← Π_S̃(m − β·IG)``. Binarise at the end with
+  ``sequential=True`` (default) follows the paper's Algorithm A1: the θ-step
+  ``θ' = θ + lower_optimizer(∇_θ g(m, θ))``, then the IG at ``(m, θ')`` fed
+  to ``upper_optimizer``. ``sequential=False`` takes both directions at the
+  incoming ``(m, θ)``: ``chain(scale_by_bip, per_level(upper_optimizer,
+  lower_optimizer))``, one gradient evaluation apart from the paper's order.
+
+  ``relaxed=True``: ``upper`` is the relaxed mask ``m``, projected after each
+  step onto the capped simplex ``{m ∈ [0, 1]ⁿ, 1ᵀm ≤ budget}`` (θ is not
+  projected), the paper's ``m ← Π_S̃(m − β·IG)``. Binarise at the end with
   :func:`bilevel.binarize`.
 
   ``relaxed=False``: ``upper`` holds real-valued scores ``s`` and the losses
-  see ``mask = straight_through_topk(s, budget)`` (the released code's
-  parameterisation), with no projection.
+  see ``mask = mask_fn(s)``, by default ``straight_through_topk(s, budget)``
+  (the released code's parameterisation), with no projection.
 
   Args:
     upper_optimizer: optimizer of the mask / scores (e.g. ``optax.sgd``).
     lower_optimizer: optimizer of the weights.
     gamma: see :func:`scale_by_bip`.
     budget: ``k``, the number of kept entries (an int when
-      ``relaxed=False``).
+      ``relaxed=False``); may be None when ``mask_fn`` is given.
     lower_steps: see :func:`scale_by_bip`.
-    relaxed: capped-simplex relaxation, or straight-through top-k scores.
+    relaxed: capped-simplex relaxation, or scores behind ``mask_fn``.
     correction: see :func:`scale_by_bip`.
+    sequential: the paper's order (θ-step first) or the simultaneous one.
+    mask_fn: scores-to-mask map for ``relaxed=False`` (e.g. a per-layer or
+      structured straight-through top-k).
 
   Returns:
-    A transformation over :class:`bilevel.Params`.
+    A transformation over :class:`bilevel.Params`; its state is a
+    :class:`SequentialBiPState` (sequential) or a chain state holding a
+    :class:`BiPState`.
+
+  Raises:
+    ValueError: ``budget`` missing where it is needed, or ``mask_fn`` with
+      ``relaxed=True``.
   """
-  mask_fn = None if relaxed else functools.partial(
-      straight_through_topk, k=int(budget))
-  txs = [
-      scale_by_bip(gamma=gamma, lower_steps=lower_steps,
-                   correction=correction, mask_fn=mask_fn),
-      per_level(upper_optimizer, lower_optimizer),
-  ]
+  if relaxed and mask_fn is not None:
+    raise ValueError("bip: mask_fn applies to scores (relaxed=False); the"
+                     " relaxed mask is the identity of the upper level")
+  if budget is None and (relaxed or mask_fn is None):
+    raise ValueError("bip: budget is required unless relaxed=False with a"
+                     " mask_fn")
+  if not relaxed and mask_fn is None:
+    mask_fn = functools.partial(straight_through_topk, k=int(budget))
+  if sequential:
+    if gamma <= 0 or lower_steps < 1:
+      raise ValueError(f"need gamma > 0 and lower_steps ≥ 1, got {gamma=}, "
+                       f"{lower_steps=}")
+    txs = [_sequential_bip(
+        upper_optimizer, lower_optimizer, gamma=gamma,
+        lower_steps=lower_steps, correction=correction,
+        mask_fn=mask_fn or (lambda upper: upper))]
+  else:
+    txs = [
+        scale_by_bip(gamma=gamma, lower_steps=lower_steps,
+                     correction=correction, mask_fn=mask_fn),
+        per_level(upper_optimizer, lower_optimizer),
+    ]
   if relaxed:
     txs.append(project_params(lambda p: Params(
         projection_capped_simplex(p.upper, budget), p.lower)))

@@ -209,12 +209,17 @@ class ImageData:
       out["key"] = jax.random.fold_in(augment_key, step)
     return out
 
-  def calibration_images(self, num: int) -> jax.Array:
-    """The first ``num`` training images (a fixed, deterministic set)."""
+  def calibration_images(self, num: int, key: jax.Array) -> jax.Array:
+    """``num`` training images drawn without replacement with ``key``.
+
+    A random draw, not the first ``num``: dataset files are often sorted
+    by class, and BatchNorm statistics of one class are badly biased.
+    """
     if not 0 < num <= self.train_x.shape[0]:
       raise ValueError(f"calibration needs 0 < num <= "
                        f"{self.train_x.shape[0]} training images, got {num}")
-    return self.train_x[:num]
+    index = jax.random.permutation(key, self.train_x.shape[0])[:num]
+    return self.train_x[jnp.sort(index)]
 
 
 def accuracy(network: Network, weights: Weights, batch_stats: nnx.State,

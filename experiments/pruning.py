@@ -12,7 +12,8 @@ same optimiser (SGD with momentum, cosine decay, weight decay ``γ``):
   magnitude of the previous round's weights, rewinds the weights to the
   pretrained ones and retrains. Rounds that reach a target sparsity are
   evaluated, so one run gives every target.
-* ``bip``: stage ``prune`` runs ``bilevel.scale_by_bip`` on scores ``s``
+* ``bip``: stage ``prune`` runs ``bilevel.bip`` (the paper's sequential
+  order: θ-step, then the implicit gradient at the new θ) on scores ``s``
   (initialised to the magnitudes OMP ranks by) and weights, the mask being
   the straight-through top-k of ``s``; optional stage ``finetune`` retrains
   the final binary mask's weights. ``prune.correction=False`` is the
@@ -73,7 +74,7 @@ class _Setup:
                                       weights)
     self.batch_size = config.data.batch_size
     self.calibration = self.data.calibration_images(
-        config.eval.calibration_images)
+        config.eval.calibration_images, _stage_key(self.data_key, "eval"))
     self.recalibrate = jax.jit(
         self.network.recalibrate, static_argnums=2)
     self.eval_batch_size = config.eval.batch_size
@@ -184,11 +185,10 @@ def _bip_solver(setup: _Setup, config) -> optax.GradientTransformation:
       setup.layout, 1.0 - config.sparsity, setup.params_like.upper)
   score_cfg = ml_collections.ConfigDict(
       {"lr": cfg.mask_lr, "momentum": cfg.momentum})
-  return optax.chain(
-      bilevel.scale_by_bip(gamma=cfg.gamma, correction=cfg.correction,
-                           mask_fn=mask_fn),
-      bilevel.per_level(_sgd(score_cfg, cfg.num_steps),
-                        _sgd(cfg, cfg.num_steps)))
+  return bilevel.bip(
+      _sgd(score_cfg, cfg.num_steps), _sgd(cfg, cfg.num_steps),
+      gamma=cfg.gamma, relaxed=False, mask_fn=mask_fn,
+      correction=cfg.correction, sequential=cfg.sequential)
 
 
 def _bip_stages(setup, config, pretrained: Callable) -> list[Stage]:

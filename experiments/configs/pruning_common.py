@@ -57,8 +57,10 @@ def pruning_config(method: str, arg: str | None,
   # θ-step share lr, momentum and decay; BiP's ridge γ is that decay.
   config.finetune = _section(num_steps=100, lr=0.01, momentum=0.9,
                              weight_decay=gamma)
+  # sequential: the paper's order (θ-step, then the IG at the new θ).
   config.prune = _section(num_steps=100, lr=0.01, momentum=0.9, mask_lr=0.1,
-                          gamma=gamma, correction=correction)
+                          gamma=gamma, correction=correction,
+                          sequential=True)
   config.imp = _section(targets=(0.9, 0.95), rate=0.2, round_steps=100)
   config.eval = _section(batch_size=500, calibration_images=2560,
                          calibration_batch_size=128)

@@ -68,6 +68,45 @@ def test_without_correction_is_the_first_order_gradient():
     assert not np.allclose(first_order, _bip_upper(c, m, theta).upper)
 
 
+@pytest.mark.parametrize("correction", [True, False])
+def test_sequential_order_takes_the_ig_after_the_theta_step(correction):
+  """Algorithm A1 by hand on ℓ(z) = cᵀz, at a θ off the lower optimum."""
+  alpha, beta = 0.3, 0.7
+  with jax.enable_x64(True):
+    c, m, _ = _r5()
+    theta = jax.random.normal(jax.random.key(5), c.shape, jnp.float64)
+    scale = 1 / GAMMA if correction else 0.0
+    theta_next = theta - alpha * (m * c + GAMMA * theta)
+    expected_upper = -beta * (theta_next * c - scale * m * c ** 2)
+    params = bilevel.Params(m, theta)
+    extra = dict(outer_loss=_linear_loss, inner_loss=_linear_loss,
+                 outer_batch=c, inner_batch=c)
+    updates = {}
+    for sequential in (True, False):
+      tx = bilevel.bip(optax.sgd(beta), optax.sgd(alpha), gamma=GAMMA,
+                       relaxed=False, mask_fn=lambda s: s,
+                       correction=correction, sequential=sequential)
+      updates[sequential], _ = tx.update(None, tx.init(params), params,
+                                         **extra)
+    np.testing.assert_allclose(updates[True].upper, expected_upper,
+                               rtol=1e-12)
+    np.testing.assert_allclose(updates[True].lower, theta_next - theta,
+                               rtol=1e-12)
+    # The simultaneous order differs by β·(θ' − θ) ⊙ c, first order in α.
+    np.testing.assert_allclose(
+        updates[True].upper - updates[False].upper,
+        -beta * (theta_next - theta) * c, rtol=1e-9)
+    np.testing.assert_array_equal(updates[True].lower, updates[False].lower)
+
+
+def test_bip_alias_argument_errors():
+  with pytest.raises(ValueError, match="budget is required"):
+    bilevel.bip(optax.sgd(1.0), optax.sgd(1.0), gamma=1.0)
+  with pytest.raises(ValueError, match="mask_fn applies to scores"):
+    bilevel.bip(optax.sgd(1.0), optax.sgd(1.0), gamma=1.0, budget=2,
+                mask_fn=lambda s: s)
+
+
 def test_upper_steps_every_lower_steps():
   c, m, theta = _r5(dtype=jnp.float32)
   tx = bilevel.scale_by_bip(gamma=GAMMA, lower_steps=3)

@@ -83,6 +83,14 @@ SOLVERS = (
         required=("outer_loss", "inner_loss"),
         problems=("masked_regression",),
     ),
+    SolverCase(
+        name="bip_simultaneous",
+        make=lambda p, upper=None: bilevel.bip(
+            upper or optax.sgd(0.1), optax.sgd(0.5), gamma=0.1, budget=4,
+            sequential=False),
+        required=("outer_loss", "inner_loss"),
+        problems=("masked_regression",),
+    ),
 )
 IDS = [c.name for c in SOLVERS]
 CONVERGENCE = [pytest.param(c, p, id=f"{c.name}-{p}")

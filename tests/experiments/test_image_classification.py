@@ -77,3 +77,20 @@ def test_missing_weights_are_named():
   del weights["bn.scale"]
   with pytest.raises(ValueError, match="bn.scale"):
     network.apply(weights, jnp.zeros((2, 3)), train=False)
+
+
+def test_calibration_images_are_a_random_draw_not_the_first_ones():
+  # Dataset files are often sorted by class: the first images are one class.
+  n = 64
+  images = np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1) * np.ones(
+      (1, 2, 2, 3), np.float32)
+  data = ic.ImageData(jnp.asarray(images), jnp.zeros(n, jnp.int32),
+                      jnp.asarray(images[:2]), jnp.zeros(2, jnp.int32))
+  drawn = np.asarray(data.calibration_images(16, jax.random.key(0)))
+  index = drawn[:, 0, 0, 0].astype(int)
+  assert len(set(index)) == 16
+  assert index.max() >= 32  # the first 16 would all be < 16
+  np.testing.assert_array_equal(
+      drawn, data.calibration_images(16, jax.random.key(0)))
+  with pytest.raises(ValueError, match="0 < num <= 64"):
+    data.calibration_images(65, jax.random.key(0))
