@@ -1,4 +1,4 @@
-"""Mixture-of-Experts routing: routers, losses and metrics as pure functions.
+"""Mixture-of-Experts: routers, losses, metrics and dispatch, pure functions.
 
 A router maps token representations ``x [T, d]`` (and router weights passed
 as arrays) to a :class:`Routing` ``(weights [T, k_max], experts [T, k_max],
@@ -27,9 +27,22 @@ router                             selection
 ``attention_aware_routing``        top-k of attention-mixed probabilities
 ``hash_routing``                   fixed hash of the token id
 =================================  ==========================================
+
+Dispatch evaluates the experts ``y_t = Σ_j w_{t,j} FFN_{e_{t,j}}(x_t)``:
+:func:`moe_ffn` with ``path`` one of ``DISPATCH_PATHS`` (one-hot capacity
+oracle, sorted ``ragged_dot``, sorted Pallas grouped matmul), and
+:func:`expert_parallel_ffn` with experts sharded over a mesh axis
+(``jax.shard_map`` + ``all_to_all``):
+
+    y, num_dropped = moe_ffn(x, routing, w_in, w_out, path="ragged_dot")
 """
 
+from models.moe.dispatch import DISPATCH_PATHS, MoeOutput, moe_ffn
 from models.moe.dynamic import dynmole_routing, top_p_routing
+from models.moe.expert_parallel import (
+    expert_parallel_ffn,
+    expert_parallel_ffn_local,
+)
 from models.moe.graph import attention_aware_routing, similarity_aware_routing
 from models.moe.layers import (
     ExpertsFn,
@@ -75,9 +88,11 @@ from models.moe.routing import (
 )
 
 __all__ = (
+    "DISPATCH_PATHS",
     "LBL_SCOPES",
     "TOP_K_ORDERS",
     "ExpertsFn",
+    "MoeOutput",
     "Routing",
     "SharedFn",
     "add_shared_experts",
@@ -94,8 +109,11 @@ __all__ = (
     "expert_choice_capacity",
     "expert_choice_routing",
     "expert_load",
+    "expert_parallel_ffn",
+    "expert_parallel_ffn_local",
     "hash_routing",
     "load_balancing_loss",
+    "moe_ffn",
     "num_active",
     "route_top_k",
     "routed_lora",
