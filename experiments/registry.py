@@ -15,7 +15,7 @@ import optax
 
 import bilevel
 from experiments import data as data_lib
-from experiments import hyper_cleaning, lv_hba_toy, pruning, svm
+from experiments import hyper_cleaning, lv_hba_toy, moe_lm, pruning, svm
 from experiments.task import Pipeline, Task
 
 
@@ -26,11 +26,31 @@ def _lookup(table: Mapping[str, Any], name: str, what: str) -> Any:
   return table[name]
 
 
+def _adamw(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW, linear warm-up then cosine decay, optional global-norm clipping.
+
+  Reads ``lr, warmup_steps, decay_steps`` (including the warm-up),
+  ``final_lr_fraction, b1, b2, weight_decay, clip_norm`` (0: none). Weight
+  decay applies to matrices only (``ndim >= 2``), not to norms' scales.
+  """
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, cfg.lr, cfg.warmup_steps,
+      max(cfg.decay_steps, cfg.warmup_steps + 1),
+      end_value=cfg.lr * cfg.final_lr_fraction)
+  tx = optax.adamw(
+      schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+      mask=lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params))
+  if cfg.clip_norm:
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+  return tx
+
+
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "sgd": lambda cfg: optax.sgd(cfg.lr),
     "momentum": lambda cfg: optax.sgd(cfg.lr, momentum=cfg.get("momentum",
                                                                 0.9)),
     "adam": lambda cfg: optax.adam(cfg.lr),
+    "adamw": _adamw,
 }
 
 
@@ -69,7 +89,15 @@ def _unrolled(
       inner_steps=cfg.inner_steps)
 
 
+def _train(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Single-level training: ``cfg.optimizer`` on the lower level (the model)
+  from the outer loss's gradient; the upper level stays fixed."""
+  return bilevel.per_level(optax.set_to_zero(),
+                           build_optimizer(cfg.optimizer))
+
+
 SOLVERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "train": _train,
     "implicit": _implicit,
     "unrolled": _unrolled,
     "lv_hba": lv_hba_toy.solver_from_config,
@@ -125,6 +153,7 @@ TASKS: dict[str, Callable[[ml_collections.ConfigDict, jax.Array],
     "cifar_pruning": pruning.pipeline_from_config,
     "lv_hba_toy": lv_hba_toy.task_from_config,
     "lv_hba_svm": svm.task_from_config,
+    "moe_lm": moe_lm.task_from_config,
 }
 
 
