@@ -16,11 +16,15 @@ from kernels.grouped_matmul import (
 from kernels.grouped_matmul import (
     transposed_grouped_matmul_reference as transposed_grouped_matmul_reference,
 )
+from kernels.routed_attention import (
+    routed_attention_reference as routed_attention_reference,
+)
 
 __all__ = (
     "GroupedMatmulTiling",
     "grouped_matmul",
     "grouped_matmul_reference",
+    "routed_attention_reference",
     "transposed_grouped_matmul",
     "transposed_grouped_matmul_reference",
 )

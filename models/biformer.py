@@ -1,0 +1,274 @@
+"""BiFormer's bi-level routing attention (BRA) module (Flax NNX).
+
+A port of the official legacy ``ops/bra_legacy.py::BiLevelRoutingAttention``
+(the module of the released BiFormer-T/S/B checkpoints) with
+``kv_downsample_mode='identity'``, ``param_attention='qkvo'`` and the released
+routing flags (no routing parameters, no differentiable or soft routing).
+For an NHWC input split into ``S x S`` regions (row-major region ids) of
+``T = HW / S²`` tokens:
+
+    q, k, v = x W_qkv + b                       (widths qk_dim, qk_dim, dim)
+    A_r = (scale · mean_T(q)) mean_T(k)ᵀ        [S², S²]   region affinity
+    I_r = topkIndex(A_r)                         [S², topk] routing
+    O = routed_attention(q, k, v, I_r) + LCE(v)             token attention
+    out = O W_o + b_o
+
+(paper §3.2; equation numbers are left out as they were not checked).
+
+Quirks of the official code kept on purpose, since the checkpoints rely on
+them:
+
+* ``scale = qk_dim ** -0.5`` of the full query width, not of the head width,
+  in both the routing logits and the token attention.
+* Routing runs on region means under ``stop_gradient``; the official top-k
+  softmax is never used, so it is not computed. All heads share one routing.
+* LCE is a depthwise ``side_dwconv`` conv (with bias, zero padding
+  ``side_dwconv // 2``) on ``v`` laid out as the full map, so it crosses
+  region borders.
+* ``auto_pad`` zero-pads the *input* at the bottom/right before the
+  projection, so padded tokens carry the projection bias, take part in the
+  region means, and are attended to as keys; the output is cropped back.
+  ``mask_padding=True`` (ours, off by default) instead excludes padded tokens
+  from the region means (like the official ``nchwBRA``'s
+  ``count_include_pad=False``), never routes to an all-padding region, and
+  masks padded keys in the softmax.
+
+``topk`` of -1 / -2 select other token mixers in the official BiFormer block
+(plain MHSA / ``AttentionLePE``); they are not BRA and are rejected here.
+
+References:
+  Zhu, Wang, Ke, Zhang, Lau, "BiFormer: Vision Transformer with Bi-Level
+  Routing Attention", CVPR 2023, §3.2; official code rayleizhu/BiFormer.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kernels import routed_attention_reference
+
+ATTENTION_IMPLS = {"reference": routed_attention_reference}
+
+_TORCH_TO_OURS = {
+    "qkv.qkv.weight": ("qkv_kernel", lambda w: w.T),
+    "qkv.qkv.bias": ("qkv_bias", lambda b: b),
+    "lepe.weight": ("lepe_kernel", lambda w: w.transpose(2, 3, 1, 0)),
+    "lepe.bias": ("lepe_bias", lambda b: b),
+    "wo.weight": ("out_kernel", lambda w: w.T),
+    "wo.bias": ("out_bias", lambda b: b),
+}
+
+
+def _to_regions(x: jax.Array, n_win: int, heads: int) -> jax.Array:
+  """``[B, S·h, S·w, heads·d]`` → ``[B, heads, S², h·w, d]``."""
+  b, hh, ww, c = x.shape
+  h, w = hh // n_win, ww // n_win
+  x = x.reshape(b, n_win, h, n_win, w, heads, c // heads)
+  x = x.transpose(0, 5, 1, 3, 2, 4, 6)
+  return x.reshape(b, heads, n_win * n_win, h * w, c // heads)
+
+
+def _from_regions(x: jax.Array, n_win: int, h: int, w: int) -> jax.Array:
+  """Inverse of ``_to_regions``: ``[B, heads, S², h·w, d]`` → NHWC."""
+  b, heads, _, _, d = x.shape
+  x = x.reshape(b, heads, n_win, n_win, h, w, d)
+  x = x.transpose(0, 2, 4, 3, 5, 1, 6)
+  return x.reshape(b, n_win * h, n_win * w, heads * d)
+
+
+class BiLevelRoutingAttention(nnx.Module):
+  """Bi-level routing attention on NHWC maps (legacy official module).
+
+  Attributes:
+    qkv: ``nnx.Linear`` ``dim → 2·qk_dim + dim``, output ``[q | k | v]``.
+    lepe: depthwise ``nnx.Conv`` on ``v`` (the LCE), or ``None`` when
+      ``side_dwconv == 0``.
+    wo: output ``nnx.Linear`` ``dim → dim``.
+  """
+
+  def __init__(
+      self,
+      dim: int,
+      num_heads: int,
+      n_win: int,
+      topk: int,
+      qk_dim: int | None = None,
+      qk_scale: float | None = None,
+      *,
+      side_dwconv: int = 5,
+      auto_pad: bool = False,
+      mask_padding: bool = False,
+      dtype: jnp.dtype = jnp.float32,
+      param_dtype: jnp.dtype = jnp.float32,
+      attention_impl: str = "reference",
+      rngs: nnx.Rngs,
+  ):
+    """Builds the layers.
+
+    Args:
+      dim: channels ``C`` of the input, the values and the output.
+      num_heads: heads ``m``; must divide ``qk_dim`` and ``dim``.
+      n_win: regions per side ``S`` (``S²`` regions).
+      topk: routed key/value regions per query region, ``1 ≤ topk ≤ S²``.
+      qk_dim: query/key width; ``None`` for ``dim`` (all released models).
+      qk_scale: logit scale; ``None`` for ``qk_dim ** -0.5`` (official).
+      side_dwconv: odd LCE kernel size, or 0 for no LCE (official BiFormer
+        passes 5; the legacy module's own default is 3).
+      auto_pad: zero-pad H and W up to multiples of ``n_win`` as the official
+        code does; otherwise such inputs raise.
+      mask_padding: with ``auto_pad``, keep padded tokens out of routing and
+        attention (not official; see the module docstring).
+      dtype: compute dtype; routing logits use at least float32.
+      param_dtype: parameter dtype.
+      attention_impl: token-attention backend, a key of ``ATTENTION_IMPLS``.
+      rngs: NNX RNG streams; uses ``params``.
+
+    Raises:
+      ValueError: invalid ``topk``, head split, ``side_dwconv`` or
+        ``attention_impl``.
+    """
+    qk_dim = qk_dim or dim
+    if qk_dim % num_heads or dim % num_heads:
+      raise ValueError(
+          f"{qk_dim=} and {dim=} must be divisible by {num_heads=}")
+    if not 1 <= topk <= n_win * n_win:
+      raise ValueError(
+          f"{topk=} must be in [1, n_win² = {n_win * n_win}]; topk -1 / -2"
+          " select plain MHSA / AttentionLePE in the BiFormer block, not BRA")
+    if side_dwconv < 0 or (side_dwconv and side_dwconv % 2 == 0):
+      raise ValueError(f"{side_dwconv=} must be 0 or odd")
+    if attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(
+          f"unknown {attention_impl=}; valid: {tuple(ATTENTION_IMPLS)}")
+    self.dim, self.qk_dim, self.num_heads = dim, qk_dim, num_heads
+    self.n_win, self.topk = n_win, topk
+    self.scale = qk_scale or qk_dim ** -0.5
+    self.auto_pad, self.mask_padding = auto_pad, mask_padding
+    self.dtype = dtype
+    self.attention_impl = attention_impl
+    layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.qkv = nnx.Linear(dim, 2 * qk_dim + dim, **layer)
+    lepe = None
+    if side_dwconv:
+      pad = side_dwconv // 2
+      lepe = nnx.Conv(dim, dim, (side_dwconv, side_dwconv),
+                      padding=((pad, pad), (pad, pad)),
+                      feature_group_count=dim, **layer)
+    self.lepe = nnx.data(lepe)
+    self.wo = nnx.Linear(dim, dim, **layer)
+
+  def _pad(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """Zero-pads bottom/right; returns the map and a ``[Hp, Wp]`` validity."""
+    _, height, width, _ = x.shape
+    pad_b, pad_r = -height % self.n_win, -width % self.n_win
+    if not (pad_b or pad_r):
+      return x, None
+    if not self.auto_pad:
+      raise ValueError(
+          f"BiLevelRoutingAttention input {x.shape} (N, H, W, C): {height=}"
+          f" and {width=} must be divisible by n_win={self.n_win}; pass"
+          " auto_pad=True to zero-pad them")
+    x = jnp.pad(x, ((0, 0), (0, pad_b), (0, pad_r), (0, 0)))
+    valid = ((jnp.arange(height + pad_b) < height)[:, None]
+             & (jnp.arange(width + pad_r) < width)[None, :])
+    return x, valid
+
+  def _route(self, q, k, token_mask) -> jax.Array:
+    """Region-to-region top-k routing (§3.2) on detached region means.
+
+    Args:
+      q, k: ``[B, 1, S², T, qk_dim]`` (all heads as one).
+      token_mask: ``None`` or ``[S², T]`` bool of real tokens.
+
+    Returns:
+      ``[B, S², topk]`` int32 region ids.
+    """
+    acc = jnp.promote_types(self.dtype, jnp.float32)
+    q, k = (jax.lax.stop_gradient(t[:, 0]).astype(acc) for t in (q, k))
+    if token_mask is None:
+      q_r, k_r = q.mean(axis=2), k.mean(axis=2)
+    else:
+      weight = token_mask[None, :, :, None].astype(acc)
+      count = jnp.maximum(weight.sum(axis=2), 1.0)
+      q_r = (q * weight).sum(axis=2) / count
+      k_r = (k * weight).sum(axis=2) / count
+    logits = jnp.einsum("brc,bsc->brs", q_r * self.scale, k_r)
+    if token_mask is not None:
+      logits = jnp.where(token_mask.any(axis=1)[None, None, :], logits,
+                         jnp.finfo(acc).min)
+    _, index = jax.lax.top_k(logits, self.topk)
+    return index.astype(jnp.int32)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Applies BRA.
+
+    Args:
+      x: ``[batch, H, W, dim]`` (NHWC, already normalised by the block).
+
+    Returns:
+      ``[batch, H, W, dim]`` in the compute dtype.
+
+    Raises:
+      ValueError: H or W not divisible by ``n_win`` and ``auto_pad`` off.
+    """
+    batch, height, width, _ = x.shape
+    x, valid = self._pad(x)
+    n_win, heads = self.n_win, self.num_heads
+    h, w = x.shape[1] // n_win, x.shape[2] // n_win
+    q, k, v = jnp.split(self.qkv(x), [self.qk_dim, 2 * self.qk_dim], axis=-1)
+    token_mask = None
+    if valid is not None and self.mask_padding:
+      token_mask = _to_regions(valid[None, :, :, None], n_win, 1)[0, 0, ..., 0]
+    index = self._route(_to_regions(q, n_win, 1), _to_regions(k, n_win, 1),
+                        token_mask)
+    kv_mask = None
+    if token_mask is not None:
+      kv_mask = jnp.broadcast_to(token_mask, (batch, *token_mask.shape))
+    out = ATTENTION_IMPLS[self.attention_impl](
+        _to_regions(q, n_win, heads), _to_regions(k, n_win, heads),
+        _to_regions(v, n_win, heads), index, scale=self.scale,
+        kv_mask=kv_mask)
+    out = _from_regions(out, n_win, h, w)
+    if self.lepe is not None:
+      out = out + self.lepe(v)
+    return self.wo(out)[:, :height, :width, :]
+
+
+def load_official_bra_weights(
+    module: BiLevelRoutingAttention, weights: Mapping[str, Any]) -> None:
+  """Copies official BRA weights into ``module`` in place.
+
+  Args:
+    module: a ``BiLevelRoutingAttention`` of matching sizes.
+    weights: either the fixture layout ``{'qkv_kernel': [C, 2·qk_dim + C],
+      'qkv_bias', 'lepe_kernel': [k, k, 1, C] (HWIO), 'lepe_bias',
+      'out_kernel': [C, C], 'out_bias'}`` or a PyTorch ``state_dict`` of the
+      legacy module (``qkv.qkv.weight`` ``[out, in]``, ``lepe.weight``
+      ``[C, 1, k, k]``, ``wo.weight``, biases), as numpy-convertible arrays.
+      Other keys are ignored.
+
+  Raises:
+    KeyError: a needed weight is missing.
+    ValueError: a weight's shape does not match the module.
+  """
+  if "qkv.qkv.weight" in weights:
+    weights = {ours: convert(np.asarray(weights[theirs]))
+               for theirs, (ours, convert) in _TORCH_TO_OURS.items()
+               if theirs in weights}
+  targets = {
+      "qkv_kernel": module.qkv.kernel, "qkv_bias": module.qkv.bias,
+      "out_kernel": module.wo.kernel, "out_bias": module.wo.bias,
+  }
+  if module.lepe is not None:
+    targets.update(lepe_kernel=module.lepe.kernel, lepe_bias=module.lepe.bias)
+  for name, param in targets.items():
+    value, current = np.asarray(weights[name]), param[...]
+    if value.shape != current.shape:
+      raise ValueError(
+          f"{name}: official shape {value.shape} != module shape"
+          f" {current.shape}")
+    param[...] = jnp.asarray(value, dtype=current.dtype)
