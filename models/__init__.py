@@ -1,5 +1,9 @@
-"""Flax NNX models."""
+"""Flax NNX models (the MoE routers and layers are in ``models.moe``)."""
 
+from models.biformer import BiLevelRoutingAttention as BiLevelRoutingAttention
+from models.biformer import (
+    load_official_bra_weights as load_official_bra_weights,
+)
 from models.masking import MASK_MODES as MASK_MODES
 from models.masking import MaskedConv as MaskedConv
 from models.masking import MaskedLinear as MaskedLinear
@@ -11,6 +15,9 @@ from models.masking import score_shape as score_shape
 from models.masking import sparsity as sparsity
 from models.masking import split_levels as split_levels
 from models.mlp import MLP as MLP
+from models.moe_lm import MoeLM as MoeLM
+from models.moe_lm import MoeLMConfig as MoeLMConfig
+from models.moe_lm import active_params as active_params
 from models.resnet_cifar import VALID_DEPTHS as VALID_DEPTHS
 from models.resnet_cifar import ResNetCIFAR as ResNetCIFAR
 from models.resnet_cifar import SmallCNN as SmallCNN
