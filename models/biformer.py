@@ -272,3 +272,321 @@ def load_official_bra_weights(
           f"{name}: official shape {value.shape} != module shape"
           f" {current.shape}")
     param[...] = jnp.asarray(value, dtype=current.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Full BiFormer (official ``models/biformer.py::BiFormer``), NHWC throughout.
+
+_GELU = lambda x: jax.nn.gelu(x, approximate=False)  # torch nn.GELU()
+
+
+def _linear(din: int, dout: int, *, use_bias: bool = True, **layer):
+  """``nnx.Linear`` with the official init (trunc. normal 0.02, zero bias)."""
+  return nnx.Linear(
+      din, dout, use_bias=use_bias,
+      kernel_init=nnx.initializers.truncated_normal(stddev=0.02), **layer)
+
+
+def _conv3x3(din: int, dout: int, stride: int, **layer) -> nnx.Conv:
+  """PyTorch ``Conv2d(din, dout, 3, stride, padding=1)`` (with bias)."""
+  return nnx.Conv(din, dout, (3, 3), strides=(stride, stride),
+                  padding=((1, 1), (1, 1)), **layer)
+
+
+def _batch_norm(dim: int, **layer) -> nnx.BatchNorm:
+  """PyTorch ``BatchNorm2d`` defaults (momentum 0.1, eps 1e-5)."""
+  return nnx.BatchNorm(dim, momentum=0.9, epsilon=1e-5, **layer)
+
+
+def _drop_path(x: jax.Array, rate: float, deterministic: bool,
+               rngs: nnx.Rngs | None) -> jax.Array:
+  """Stochastic depth: zeroes whole samples with prob. ``rate``, rescales.
+
+  Args:
+    x: ``[B, ...]`` residual branch output.
+    rate: drop probability of this block.
+    deterministic: no-op when ``True`` (or ``rate == 0``).
+    rngs: streams with ``dropout``; required when the branch is dropped.
+
+  Returns:
+    ``x`` of the same shape, per-sample masked and scaled by ``1/(1-rate)``.
+  """
+  if deterministic or rate == 0.0:
+    return x
+  if rngs is None:
+    raise ValueError("drop path with deterministic=False needs rngs with a"
+                     " 'dropout' stream")
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(rngs.dropout(), keep,
+                              (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class MultiHeadSelfAttention(nnx.Module):
+  """Global MHSA, optionally with LePE (official ``Attention`` /
+  ``AttentionLePE`` used for ``topk`` -1 / -2).
+
+  Quirks kept: ``qkv`` has no bias; ``scale = head_dim ** -0.5``; the block
+  does not pass ``num_heads`` so it is 8; the LePE (``side_dwconv`` depthwise
+  conv with bias) is applied to the attention *input* ``x``, not to ``v``.
+
+  Attributes:
+    qkv: ``nnx.Linear`` ``dim → 3·dim`` without bias, output ``[q | k | v]``.
+    proj: output ``nnx.Linear`` ``dim → dim``.
+    lepe: depthwise ``nnx.Conv`` on the input, or ``None``.
+  """
+
+  def __init__(self, dim: int, num_heads: int = 8, *, side_dwconv: int = 0,
+               dtype: jnp.dtype = jnp.float32,
+               param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    """Builds the layers.
+
+    Args:
+      dim: channels ``C``; must be divisible by ``num_heads``.
+      num_heads: heads (official default 8).
+      side_dwconv: LePE kernel size (5 for ``AttentionLePE``), 0 for none.
+      dtype: compute dtype.
+      param_dtype: parameter dtype.
+      rngs: NNX RNG streams; uses ``params``.
+    """
+    if dim % num_heads:
+      raise ValueError(f"{dim=} must be divisible by {num_heads=}")
+    self.num_heads = num_heads
+    self.scale = (dim // num_heads) ** -0.5
+    layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.qkv = _linear(dim, 3 * dim, use_bias=False, **layer)
+    self.proj = _linear(dim, dim, **layer)
+    lepe = None
+    if side_dwconv:
+      pad = side_dwconv // 2
+      lepe = nnx.Conv(dim, dim, (side_dwconv, side_dwconv),
+                      padding=((pad, pad), (pad, pad)),
+                      feature_group_count=dim, **layer)
+    self.lepe = nnx.data(lepe)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Applies attention over all ``H·W`` tokens.
+
+    Args:
+      x: ``[batch, H, W, dim]`` (normalised).
+
+    Returns:
+      ``[batch, H, W, dim]``.
+    """
+    b, h, w, c = x.shape
+    heads = self.num_heads
+    qkv = self.qkv(x).reshape(b, h * w, 3, heads, c // heads)
+    q, k, v = (qkv[:, :, i] for i in range(3))  # [B, N, heads, d]
+    logits = jnp.einsum("bnhd,bmhd->bhnm", q * self.scale, k)
+    probs = jax.nn.softmax(
+        logits.astype(jnp.promote_types(logits.dtype, jnp.float32)),
+        axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhnm,bmhd->bnhd", probs, v).reshape(b, h, w, c)
+    if self.lepe is not None:
+      out = out + self.lepe(x)
+    return self.proj(out)
+
+
+class BiFormerBlock(nnx.Module):
+  """One BiFormer block (pre-norm; official ``Block``), NHWC in and out.
+
+  ``x += DWConv3x3(x)``; ``x += DropPath(γ₁·Mixer(LN(x)))``;
+  ``x += DropPath(γ₂·MLP(LN(x)))``, where the mixer is BRA for ``topk > 0``,
+  MHSA for ``topk == -1`` and MHSA + LePE for ``topk == -2`` (8 heads).
+
+  Attributes:
+    pos_embed: depthwise 3x3 conv (conditional positional encoding).
+    norm1, norm2: ``LayerNorm`` (eps 1e-6).
+    attn: the token mixer.
+    fc1, fc2: MLP ``dim → mlp_ratio·dim → dim`` with exact GELU.
+    gamma1, gamma2: layer scale ``nnx.Param`` ``[dim]`` or ``None``.
+  """
+
+  def __init__(
+      self, dim: int, *, num_heads: int, n_win: int, topk: int,
+      mlp_ratio: float = 3.0, drop_path: float = 0.0,
+      layer_scale_init_value: float = -1.0, side_dwconv: int = 5,
+      dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
+      attention_impl: str = "reference", rngs: nnx.Rngs):
+    """Builds the block.
+
+    Args:
+      dim: channels ``C``.
+      num_heads: BRA heads (``qk_dim // head_dim``); unused for MHSA.
+      n_win: BRA regions per side.
+      topk: routed regions (> 0), or -1 (MHSA) / -2 (MHSA + LePE).
+      mlp_ratio: hidden width factor of the MLP.
+      drop_path: stochastic depth rate of this block.
+      layer_scale_init_value: > 0 enables layer scale with this init.
+      side_dwconv: LCE / LePE kernel size.
+      dtype: compute dtype.
+      param_dtype: parameter dtype.
+      attention_impl: BRA backend (see ``ATTENTION_IMPLS``).
+      rngs: NNX RNG streams; uses ``params``.
+
+    Raises:
+      ValueError: ``topk`` is 0 or below -2 (the conv mixer is not ported).
+    """
+    layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.drop_path = drop_path
+    self.pos_embed = nnx.Conv(dim, dim, (3, 3), padding=((1, 1), (1, 1)),
+                              feature_group_count=dim, **layer)
+    self.norm1 = nnx.LayerNorm(dim, epsilon=1e-6, **layer)
+    if topk > 0:
+      attn = BiLevelRoutingAttention(
+          dim, num_heads, n_win, topk, side_dwconv=side_dwconv,
+          attention_impl=attention_impl, **layer)
+    elif topk in (-1, -2):
+      attn = MultiHeadSelfAttention(
+          dim, side_dwconv=side_dwconv if topk == -2 else 0, **layer)
+    else:
+      raise ValueError(f"{topk=} not supported (> 0, -1 or -2)")
+    self.attn = attn
+    self.norm2 = nnx.LayerNorm(dim, epsilon=1e-6, **layer)
+    hidden = int(mlp_ratio * dim)
+    self.fc1 = _linear(dim, hidden, **layer)
+    self.fc2 = _linear(hidden, dim, **layer)
+    gamma1 = gamma2 = None
+    if layer_scale_init_value > 0:
+      gamma1, gamma2 = (
+          nnx.Param(jnp.full((dim,), layer_scale_init_value, param_dtype))
+          for _ in range(2))
+    self.gamma1, self.gamma2 = nnx.data(gamma1), nnx.data(gamma2)
+
+  def __call__(self, x: jax.Array, *, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Applies the block.
+
+    Args:
+      x: ``[batch, H, W, dim]``.
+      deterministic: disables drop path.
+      rngs: streams with ``dropout`` (only read if ``deterministic=False``).
+
+    Returns:
+      ``[batch, H, W, dim]``.
+    """
+    x = x + self.pos_embed(x)
+    y = self.attn(self.norm1(x))
+    if self.gamma1 is not None:
+      y = y * self.gamma1[...]
+    x = x + _drop_path(y, self.drop_path, deterministic, rngs)
+    y = self.fc2(_GELU(self.fc1(self.norm2(x))))
+    if self.gamma2 is not None:
+      y = y * self.gamma2[...]
+    return x + _drop_path(y, self.drop_path, deterministic, rngs)
+
+
+class BiFormer(nnx.Module):
+  """BiFormer image classifier (Zhu et al., CVPR 2023; official ``BiFormer``).
+
+  Stem: Conv3x3/2 (3 → C₁/2) + BN + GELU + Conv3x3/2 (→ C₁) + BN (stride 4);
+  merging before stages 2-4: Conv3x3/2 + BN; four stages of
+  ``BiFormerBlock``; BN; global average pool; linear head. Input is NHWC.
+  BatchNorm uses batch statistics when ``deterministic=False`` (training).
+
+  Attributes:
+    downsample: ``nnx.List`` of 4 ``nnx.List`` layer sequences.
+    stages: ``nnx.List`` of 4 ``nnx.List`` of ``BiFormerBlock``.
+    norm: final ``BatchNorm``.
+    head: ``nnx.Linear`` ``C₄ → num_classes`` or ``None``.
+  """
+
+  def __init__(
+      self, *, depths=(2, 2, 8, 2), embed_dims=(64, 128, 256, 512),
+      head_dim: int = 32, n_win: int = 7, topks=(1, 4, 16, -2),
+      mlp_ratios=(3, 3, 3, 3), in_chans: int = 3, num_classes: int = 1000,
+      drop_path_rate: float = 0.0, layer_scale_init_value: float = -1.0,
+      side_dwconv: int = 5, dtype: jnp.dtype = jnp.float32,
+      param_dtype: jnp.dtype = jnp.float32, attention_impl: str = "reference",
+      rngs: nnx.Rngs):
+    """Builds the network.
+
+    Args:
+      depths: blocks per stage.
+      embed_dims: channels per stage (``qk_dim == dim`` as released).
+      head_dim: BRA head width; heads = ``dim // head_dim``.
+      n_win: BRA regions per side; stage maps must be divisible by it.
+      topks: per stage: routed regions, or -1 / -2 (see ``BiFormerBlock``).
+      mlp_ratios: MLP widths per stage.
+      in_chans: input channels.
+      num_classes: classes; 0 for no head (pooled features).
+      drop_path_rate: final stochastic depth rate, linear from 0 over blocks.
+      layer_scale_init_value: > 0 enables layer scale; -1 (released) off.
+      side_dwconv: LCE / LePE kernel size.
+      dtype: compute dtype.
+      param_dtype: parameter dtype.
+      attention_impl: BRA backend.
+      rngs: NNX RNG streams; uses ``params``.
+    """
+    layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    c0 = embed_dims[0]
+    downsample = [nnx.List([
+        _conv3x3(in_chans, c0 // 2, 2, **layer), _batch_norm(c0 // 2, **layer),
+        _GELU, _conv3x3(c0 // 2, c0, 2, **layer), _batch_norm(c0, **layer)])]
+    for cin, cout in zip(embed_dims[:-1], embed_dims[1:]):
+      downsample.append(nnx.List([_conv3x3(cin, cout, 2, **layer),
+                                  _batch_norm(cout, **layer)]))
+    self.downsample = nnx.List(downsample)
+    rates = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()
+    stages, i = [], 0
+    for depth, dim, topk, ratio in zip(depths, embed_dims, topks, mlp_ratios):
+      stages.append(nnx.List([
+          BiFormerBlock(
+              dim, num_heads=dim // head_dim, n_win=n_win, topk=topk,
+              mlp_ratio=ratio, drop_path=rates[i + j],
+              layer_scale_init_value=layer_scale_init_value,
+              side_dwconv=side_dwconv, attention_impl=attention_impl,
+              **layer)
+          for j in range(depth)]))
+      i += depth
+    self.stages = nnx.List(stages)
+    self.norm = _batch_norm(embed_dims[-1], **layer)
+    self.head = nnx.data(
+        _linear(embed_dims[-1], num_classes, **layer) if num_classes > 0
+        else None)
+
+  def __call__(self, x: jax.Array, *, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Classifies a batch.
+
+    Args:
+      x: ``[batch, H, W, in_chans]``; H, W divisible by 32 and the stage
+        maps (H/4, ..., H/32) by ``n_win`` for BRA stages.
+      deterministic: eval mode (running BN statistics, no drop path).
+      rngs: streams with ``dropout``; needed if ``deterministic=False`` and
+        ``drop_path_rate > 0``.
+
+    Returns:
+      ``[batch, num_classes]`` logits (``[batch, C₄]`` without a head).
+    """
+    for down, stage in zip(self.downsample, self.stages):
+      for op in down:
+        if isinstance(op, nnx.BatchNorm):
+          x = op(x, use_running_average=deterministic)
+        else:
+          x = op(x)
+      for block in stage:
+        x = block(x, deterministic=deterministic, rngs=rngs)
+    x = self.norm(x, use_running_average=deterministic).mean(axis=(1, 2))
+    return x if self.head is None else self.head(x)
+
+
+def biformer_tiny(rngs: nnx.Rngs, num_classes: int = 1000,
+                  **kwargs) -> BiFormer:
+  """BiFormer-T (13,142,760 params at 1000 classes)."""
+  return BiFormer(depths=(2, 2, 8, 2), embed_dims=(64, 128, 256, 512),
+                  num_classes=num_classes, rngs=rngs, **kwargs)
+
+
+def biformer_small(rngs: nnx.Rngs, num_classes: int = 1000,
+                   **kwargs) -> BiFormer:
+  """BiFormer-S (25,536,232 params at 1000 classes)."""
+  return BiFormer(depths=(4, 4, 18, 4), embed_dims=(64, 128, 256, 512),
+                  num_classes=num_classes, rngs=rngs, **kwargs)
+
+
+def biformer_base(rngs: nnx.Rngs, num_classes: int = 1000,
+                  **kwargs) -> BiFormer:
+  """BiFormer-B (56,804,968 params at 1000 classes)."""
+  return BiFormer(depths=(4, 4, 18, 4), embed_dims=(96, 192, 384, 768),
+                  num_classes=num_classes, rngs=rngs, **kwargs)
