@@ -1,8 +1,11 @@
 """Pallas kernels for biroute's hot paths.
 
-Each ``kernels/<op>.py`` holds the Pallas body, the public op (``custom_vjp``
-where it is differentiated, shape checks, tile sizes in a frozen dataclass)
-and ``<op>_reference`` in plain ``jnp``. Kernels depend on nothing of ours.
+Each ``kernels/<op>.py`` holds the public op (``custom_vjp`` where it is
+differentiated, shape checks, padding, tile sizes in a frozen dataclass) and
+``<op>_reference`` in plain ``jnp``; the Pallas bodies of its lowerings live
+beside it in private modules, ``_<op>_gpu.py`` (Triton) and ``_<op>_tpu.py``
+(Mosaic), with ``_<op>_common.py`` for what they share. Kernels depend on
+nothing of ours.
 """
 
 from kernels.grouped_matmul import GroupedMatmulTiling as GroupedMatmulTiling
@@ -17,6 +20,10 @@ from kernels.grouped_matmul import (
     transposed_grouped_matmul_reference as transposed_grouped_matmul_reference,
 )
 from kernels.routed_attention import (
+    RoutedAttentionTiling as RoutedAttentionTiling,
+)
+from kernels.routed_attention import routed_attention as routed_attention
+from kernels.routed_attention import (
     routed_attention_reference as routed_attention_reference,
 )
 
@@ -24,6 +31,8 @@ __all__ = (
     "GroupedMatmulTiling",
     "grouped_matmul",
     "grouped_matmul_reference",
+    "RoutedAttentionTiling",
+    "routed_attention",
     "routed_attention_reference",
     "transposed_grouped_matmul",
     "transposed_grouped_matmul_reference",

@@ -17,18 +17,48 @@ official legacy module, which computes the same contraction after its
 ``(n p2) m w2 c`` reshape). Out-of-range region ids are not checked (XLA
 clamps gather indices).
 
-Only the plain-``jnp`` oracle lives here for now; it materialises the
-gathered keys/values (``topk`` times the size of ``k``/``v``) and the
-``[..., Tq, topk · Tkv]`` logits. The Pallas kernel will sit beside it.
+:func:`routed_attention` is the fused Pallas kernel; it never materialises
+the gathered keys/values, in the forward or the backward:
+
+* forward: per (batch, head, query region, query block), an online softmax
+  (FlashAttention-2) over the key blocks of the ``topk`` routed regions,
+  whose ids the kernel reads from ``region_index``; it saves ``out`` and the
+  log-sum-exp ``L``;
+* backward (``custom_vjp``): with ``Δ = rowsum(dO ⊙ O)``, ``P = exp(S − L)``,
+  ``dS = P ⊙ (dO Vᵀ − Δ)``, dQ walks the routed key blocks as the forward
+  does, and dK, dV walk, for each key region, the query regions that chose it
+  (the routing inverted by a stable sort), so each dK/dV block is written
+  once: no scatter-add into a gathered tensor.
+
+Two lowerings, in private modules: ``"triton"`` (NVIDIA GPU,
+``_routed_attention_gpu``: routing read from memory in the kernel) and
+``"mosaic_tpu"`` (TPU, ``_routed_attention_tpu``: routing passed by scalar
+prefetch into the block index maps). Both run on CPU with ``interpret=True``
+(the default there), which is how the tests cover them; neither was compiled
+for a real GPU or TPU here. The plain-``jnp`` oracle
+:func:`routed_attention_reference` materialises the gathered keys/values
+(``topk`` times the size of ``k``/``v``) and the ``[..., Tq, topk · Tkv]``
+logits.
 
 References:
   Zhu, Wang, Ke, Zhang, Lau, "BiFormer: Vision Transformer with Bi-Level
   Routing Attention", CVPR 2023, §3.2 (token-to-token
-  attention: gather of the routed K/V, then attention).
+  attention: gather of the routed K/V, then attention); Dao,
+  "FlashAttention-2", 2023 (online softmax and its backward).
 """
+
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+
+from kernels import _routed_attention_gpu, _routed_attention_tpu
+from kernels._routed_attention_common import F32, invert_routes
+
+IMPLEMENTATIONS = ("triton", "mosaic_tpu")
+_LOWERINGS = {"triton": _routed_attention_gpu,
+              "mosaic_tpu": _routed_attention_tpu}
 
 
 def _check_shapes(q, k, v, region_index, kv_mask) -> None:
@@ -111,3 +141,165 @@ def routed_attention_reference(
   probs = jax.nn.softmax(logits, axis=-1)
   out = jnp.einsum("bmrqk,bmrkd->bmrqd", probs, values.astype(acc_dtype))
   return out.astype(out_dtype)
+
+
+# ------------------------------ Pallas op -----------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutedAttentionTiling:
+  """Tile sizes of the routed-attention kernels.
+
+  A region's tokens are cut into blocks; a block larger than its region is
+  shrunk to the region's size rounded up to a power of two (at least 16),
+  and the tokens are zero-padded to a whole number of blocks (padded keys
+  masked).
+
+  Attributes:
+    block_q: query tokens per program (and per inner step of dK/dV).
+    block_kv: key tokens per inner step (and per program of dK/dV).
+    num_warps: Triton warps per program (GPU only).
+    num_stages: Triton software-pipelining stages (GPU only).
+
+  The defaults are untuned starting points.
+  """
+
+  block_q: int = 64
+  block_kv: int = 64
+  num_warps: int = 4
+  num_stages: int = 2
+
+  def __post_init__(self):
+    for name in ("block_q", "block_kv", "num_warps", "num_stages"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive int")
+    for name in ("block_q", "block_kv"):
+      value = getattr(self, name)
+      if value < 16 or value & (value - 1):
+        # Triton tensors are powers of two and tl.dot needs 16 per side.
+        raise ValueError(f"{name}={value} must be a power of two >= 16")
+
+
+def _fit_block(block: int, tokens: int) -> int:
+  """``block`` shrunk to the smallest power of two ≥ max(tokens, 16)."""
+  return min(block, max(16, 1 << (tokens - 1).bit_length()))
+
+
+def _pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
+  pad = -x.shape[axis] % multiple
+  if not pad:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths)
+
+
+def _resolve(interpret, implementation) -> tuple[bool, str]:
+  backend = jax.default_backend()
+  if interpret is None:
+    interpret = backend == "cpu"
+  if implementation is None:
+    implementation = "mosaic_tpu" if backend == "tpu" else "triton"
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"{implementation=} is not one of {IMPLEMENTATIONS}")
+  return bool(interpret), implementation
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _fused(q, k, v, kv_mask, region_index, scale, tiling, interpret, impl):
+  out, _ = _fused_fwd(q, k, v, kv_mask, region_index, scale, tiling,
+                      interpret, impl)
+  return out
+
+
+def _fused_fwd(q, k, v, kv_mask, region_index, scale, tiling, interpret, impl):
+  out, lse = _LOWERINGS[impl].forward(q, k, v, kv_mask, region_index,
+                                      scale=scale, tiling=tiling,
+                                      interpret=interpret)
+  return out, (q, k, v, kv_mask, region_index, out, lse)
+
+
+def _fused_bwd(scale, tiling, interpret, impl, residuals, do):
+  q, k, v, kv_mask, region_index, out, lse = residuals
+  lowering = _LOWERINGS[impl]
+  delta = jnp.sum(do.astype(F32) * out.astype(F32), axis=-1)
+  do = do.astype(q.dtype)
+  common = dict(scale=scale, tiling=tiling, interpret=interpret)
+  dq = lowering.backward_dq(q, k, v, kv_mask, region_index, do, lse, delta,
+                            **common)
+  dk, dv = lowering.backward_dkv(q, k, v, kv_mask, invert_routes(region_index),
+                                 do, lse, delta, **common)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None,
+          None)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "tiling", "interpret",
+                                             "implementation"))
+def routed_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    region_index: jax.Array,
+    *,
+    scale: float,
+    kv_mask: jax.Array | None = None,
+    tiling: RoutedAttentionTiling = RoutedAttentionTiling(),
+    interpret: bool | None = None,
+    implementation: str | None = None,
+) -> jax.Array:
+  """Token-to-token attention over routed regions as one Pallas kernel.
+
+  The same function as :func:`routed_attention_reference`, differentiable in
+  ``q``, ``k`` and ``v`` (once) by a Pallas backward; see the module
+  docstring for the algorithm. Tokens are zero-padded to whole blocks (the
+  padded keys masked) and head widths to a power of two ≥ 16, then sliced
+  back. One difference from the reference, only when padding was needed: a
+  query whose routed keys are *all* masked by ``kv_mask`` averages the padded
+  keys too (both give a meaningless row there).
+
+  Args:
+    q: queries ``[batch, heads, regions, q_tokens, qk_head_dim]``.
+    k: keys ``[batch, heads, regions, kv_tokens, qk_head_dim]``.
+    v: values ``[batch, heads, regions, kv_tokens, v_head_dim]``.
+    region_index: ``[batch, regions, topk]`` integer routed key regions, in
+      ``[0, regions)``, shared by all heads (not checked in range).
+    scale: logit multiplier (static).
+    kv_mask: optional ``[batch, regions, kv_tokens]`` bool, true for real
+      keys (as in the reference).
+    tiling: tile sizes (static).
+    interpret: run in the Pallas interpreter; ``None``: when the default
+      backend is the CPU.
+    implementation: ``"triton"`` or ``"mosaic_tpu"``; ``None``:
+      ``"mosaic_tpu"`` on a TPU backend, else ``"triton"``.
+
+  Returns:
+    ``[batch, heads, regions, q_tokens, v_head_dim]`` in the promoted input
+    dtype; logits, softmax and products accumulate in float32.
+
+  Raises:
+    ValueError: inconsistent shapes, a non-integer ``region_index``, or an
+      unknown implementation.
+  """
+  _check_shapes(q, k, v, region_index, kv_mask)
+  interpret, implementation = _resolve(interpret, implementation)
+  dtype = jnp.result_type(q, k, v)
+  (*_, tq, d), (*_, tk, dv) = q.shape, v.shape
+  if 0 in q.shape or 0 in k.shape or 0 in v.shape or 0 in region_index.shape:
+    return jnp.zeros((*q.shape[:4], dv), dtype)
+  block_q = _fit_block(tiling.block_q, tq)
+  block_kv = _fit_block(tiling.block_kv, tk)
+  tiling = dataclasses.replace(tiling, block_q=block_q, block_kv=block_kv)
+  width = lambda n: max(16, 1 << (n - 1).bit_length())  # noqa: E731
+  q = _pad_axis(_pad_axis(q.astype(dtype), 3, block_q), 4, width(d))
+  k = _pad_axis(_pad_axis(k.astype(dtype), 3, block_kv), 4, width(d))
+  v = _pad_axis(_pad_axis(v.astype(dtype), 3, block_kv), 4, width(dv))
+  if kv_mask is None:
+    kv_mask = jnp.ones((*region_index.shape[:2], tk), jnp.int32)
+  kv_mask = _pad_axis(kv_mask.astype(jnp.int32), 2, block_kv)
+  out = _fused(q, k, v, kv_mask, region_index.astype(jnp.int32), float(scale),
+               tiling, interpret, implementation)
+  return out[..., :tq, :dv]

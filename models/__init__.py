@@ -4,6 +4,7 @@ from models.biformer import BiLevelRoutingAttention as BiLevelRoutingAttention
 from models.biformer import (
     load_official_bra_weights as load_official_bra_weights,
 )
+from models.macs import count_macs as count_macs
 from models.masking import MASK_MODES as MASK_MODES
 from models.masking import MaskedConv as MaskedConv
 from models.masking import MaskedLinear as MaskedLinear

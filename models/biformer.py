@@ -49,9 +49,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kernels import routed_attention_reference
+from kernels import routed_attention, routed_attention_reference
 
-ATTENTION_IMPLS = {"reference": routed_attention_reference}
+ATTENTION_IMPLS = {"reference": routed_attention_reference,
+                   "pallas": routed_attention}
 
 _TORCH_TO_OURS = {
     "qkv.qkv.weight": ("qkv_kernel", lambda w: w.T),
@@ -124,7 +125,10 @@ class BiLevelRoutingAttention(nnx.Module):
         attention (not official; see the module docstring).
       dtype: compute dtype; routing logits use at least float32.
       param_dtype: parameter dtype.
-      attention_impl: token-attention backend, a key of ``ATTENTION_IMPLS``.
+      attention_impl: token-attention backend, a key of ``ATTENTION_IMPLS``:
+        ``"reference"`` (plain ``jnp``, gathers the routed keys/values) or
+        ``"pallas"`` (the fused kernel of :mod:`kernels.routed_attention`,
+        interpreted on CPU).
       rngs: NNX RNG streams; uses ``params``.
 
     Raises:
