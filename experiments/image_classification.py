@@ -82,7 +82,8 @@ class Network:
          for path, name in zip(self._flat_paths, self.paths)})
 
   def apply(self, weights: Weights, x: jax.Array, *, train: bool,
-            batch_stats: nnx.State | None = None) -> jax.Array:
+            batch_stats: nnx.State | None = None,
+            key: jax.Array | None = None) -> jax.Array:
     """Logits ``[batch, classes]`` for images ``x`` ``[batch, h, w, c]``.
 
     Args:
@@ -91,10 +92,14 @@ class Network:
       train: BatchNorm on the batch's statistics (training) if true.
       batch_stats: the BatchNorm statistics for ``train=False``, from
         :meth:`recalibrate`; default: the module's initial ones.
+      key: PRNG key of a stochastic module's training randomness (e.g.
+        drop path), passed on as ``key=``; None calls it without one.
     """
     rest = self._rest if batch_stats is None else batch_stats
     net = nnx.merge(self._graphdef, self._state(weights), rest, copy=True)
-    return net(x, train=train)
+    if key is None:
+      return net(x, train=train)
+    return net(x, train=train, key=key)
 
   def eval_logits(self, weights: Weights, batch_stats: nnx.State,
                   x: jax.Array) -> jax.Array:
@@ -135,10 +140,19 @@ class Network:
     return jax.tree.map(lambda s: jnp.mean(s, axis=0), stats)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean softmax cross-entropy of ``logits`` ``[b, c]``, ``labels`` ``[b]``."""
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels).mean()
+def cross_entropy(logits: jax.Array, labels: jax.Array,
+                  label_smoothing: float = 0.0) -> jax.Array:
+  """Mean softmax cross-entropy of ``logits`` ``[b, c]``, ``labels`` ``[b]``.
+
+  With ``label_smoothing`` ``α > 0`` the target is ``(1 - α)·onehot + α/c``.
+  """
+  logits = logits.astype(jnp.float32)
+  if not label_smoothing:
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, labels).mean()
+  targets = optax.smooth_labels(
+      jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets).mean()
 
 
 def augment(key: jax.Array, images: jax.Array) -> jax.Array:

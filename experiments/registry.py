@@ -14,8 +14,15 @@ import ml_collections
 import optax
 
 import bilevel
+from experiments import (
+  biformer_classification,
+  hyper_cleaning,
+  lv_hba_toy,
+  moe_lm,
+  pruning,
+  svm,
+)
 from experiments import data as data_lib
-from experiments import hyper_cleaning, lv_hba_toy, moe_lm, pruning, svm
 from experiments.task import Pipeline, Task
 
 
@@ -154,6 +161,7 @@ TASKS: dict[str, Callable[[ml_collections.ConfigDict, jax.Array],
     "lv_hba_toy": lv_hba_toy.task_from_config,
     "lv_hba_svm": svm.task_from_config,
     "moe_lm": moe_lm.task_from_config,
+    "biformer_classification": biformer_classification.task_from_config,
 }
 
 

@@ -500,9 +500,9 @@ class BiFormer(nnx.Module):
       head_dim: int = 32, n_win: int = 7, topks=(1, 4, 16, -2),
       mlp_ratios=(3, 3, 3, 3), in_chans: int = 3, num_classes: int = 1000,
       drop_path_rate: float = 0.0, layer_scale_init_value: float = -1.0,
-      side_dwconv: int = 5, dtype: jnp.dtype = jnp.float32,
-      param_dtype: jnp.dtype = jnp.float32, attention_impl: str = "reference",
-      rngs: nnx.Rngs):
+      side_dwconv: int = 5, stem_strides: tuple[int, int] = (2, 2),
+      dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
+      attention_impl: str = "reference", rngs: nnx.Rngs):
     """Builds the network.
 
     Args:
@@ -517,6 +517,9 @@ class BiFormer(nnx.Module):
       drop_path_rate: final stochastic depth rate, linear from 0 over blocks.
       layer_scale_init_value: > 0 enables layer scale; -1 (released) off.
       side_dwconv: LCE / LePE kernel size.
+      stem_strides: strides of the stem's two convs: the official
+        ``(2, 2)`` (total stride 4); ``(1, 2)`` halves every stage map, e.g.
+        16², 8², 4², 2² for 32² images.
       dtype: compute dtype.
       param_dtype: parameter dtype.
       attention_impl: BRA backend.
@@ -524,9 +527,11 @@ class BiFormer(nnx.Module):
     """
     layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     c0 = embed_dims[0]
+    s1, s2 = stem_strides
     downsample = [nnx.List([
-        _conv3x3(in_chans, c0 // 2, 2, **layer), _batch_norm(c0 // 2, **layer),
-        _GELU, _conv3x3(c0 // 2, c0, 2, **layer), _batch_norm(c0, **layer)])]
+        _conv3x3(in_chans, c0 // 2, s1, **layer),
+        _batch_norm(c0 // 2, **layer), _GELU,
+        _conv3x3(c0 // 2, c0, s2, **layer), _batch_norm(c0, **layer)])]
     for cin, cout in zip(embed_dims[:-1], embed_dims[1:]):
       downsample.append(nnx.List([_conv3x3(cin, cout, 2, **layer),
                                   _batch_norm(cout, **layer)]))
@@ -550,28 +555,36 @@ class BiFormer(nnx.Module):
         else None)
 
   def __call__(self, x: jax.Array, *, deterministic: bool = True,
-               rngs: nnx.Rngs | None = None) -> jax.Array:
+               rngs: nnx.Rngs | None = None,
+               use_running_average: bool | None = None) -> jax.Array:
     """Classifies a batch.
 
     Args:
-      x: ``[batch, H, W, in_chans]``; H, W divisible by 32 and the stage
-        maps (H/4, ..., H/32) by ``n_win`` for BRA stages.
+      x: ``[batch, H, W, in_chans]``; H, W divisible by the total stride
+        (32 with the official stem) and the stage maps (H/4, ..., H/32) by
+        ``n_win`` for BRA stages.
       deterministic: eval mode (running BN statistics, no drop path).
       rngs: streams with ``dropout``; needed if ``deterministic=False`` and
         ``drop_path_rate > 0``.
+      use_running_average: BatchNorm mode if not None, else
+        ``deterministic``; ``False`` with ``deterministic=True`` gives batch
+        statistics without drop path (to recalibrate BatchNorm).
 
     Returns:
       ``[batch, num_classes]`` logits (``[batch, C₄]`` without a head).
     """
+    if use_running_average is None:
+      use_running_average = deterministic
     for down, stage in zip(self.downsample, self.stages):
       for op in down:
         if isinstance(op, nnx.BatchNorm):
-          x = op(x, use_running_average=deterministic)
+          x = op(x, use_running_average=use_running_average)
         else:
           x = op(x)
       for block in stage:
         x = block(x, deterministic=deterministic, rngs=rngs)
-    x = self.norm(x, use_running_average=deterministic).mean(axis=(1, 2))
+    x = self.norm(x, use_running_average=use_running_average).mean(
+        axis=(1, 2))
     return x if self.head is None else self.head(x)
 
 
