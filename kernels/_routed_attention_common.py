@@ -4,13 +4,16 @@ The lowerings receive padded inputs (see :mod:`kernels.routed_attention`):
 
 * ``q [B, H, R, Tq, D]``, ``k [B, H, R, Tk, D]``, ``v [B, H, R, Tk, Dv]`` of
   one dtype, ``Tq`` a multiple of ``block_q``, ``Tk`` of ``block_kv``;
-* ``kv_mask [B, R, Tk]`` int32, 1 for a real key; a masked key's logit is the
-  float32 minimum (as in the reference, so a query with no real key averages
-  its keys uniformly);
+* ``kv_mask [B, R, Tk]`` int32: 1 for a real key; 0 for a key masked by the
+  caller, whose logit is the float32 minimum (as in the reference, so a query
+  with no real key averages its keys uniformly); ``PADDED`` (-1) for a key
+  added by the padding, whose logit is -inf (no probability even then);
 * ``region_index [B, R, K]`` int32 in ``[0, R)``.
 
 Each lowering exposes ``forward`` → ``(out, lse)``, ``backward_dq`` → ``dq``
-and ``backward_dkv`` → ``(dk, dv)``, gradients in float32.
+and ``backward_dkv`` → ``(dk, dv)``, gradients in float32; ``backward_dkv``
+also takes ``num_keys = K · (unpadded Tk)``, the keys a query with no real key
+averages.
 """
 
 from typing import NamedTuple
@@ -21,6 +24,7 @@ from jax import lax
 
 F32 = jnp.float32
 MASKED_LOGIT = float(jnp.finfo(F32).min)
+PADDED = -1
 
 
 class InverseRoutes(NamedTuple):
@@ -72,11 +76,17 @@ def dot(x, y, contract: tuple[int, int]):
   return lax.dot_general(x, y, dims, preferred_element_type=F32)
 
 
+def mask_logits(logits, mask):
+  """Real keys (``mask > 0``) keep their logit, masked ones (0) get the
+  float32 minimum, padded ones (``PADDED``) -inf; ``mask`` broadcasts."""
+  return jnp.where(mask > 0, logits,
+                   jnp.where(mask == PADDED, -jnp.inf, MASKED_LOGIT))
+
+
 def masked_logits(q, k, mask_row, scale: float):
-  """``[bq, bkv]`` float32 logits ``scale · q kᵀ``, masked keys at the float32
-  minimum; ``mask_row [bkv]`` (or ``[1, bkv]``) int32."""
-  logits = dot(q, k, (1, 1)) * scale
-  return jnp.where(mask_row.reshape(1, -1) != 0, logits, MASKED_LOGIT)
+  """``[bq, bkv]`` float32 logits ``scale · q kᵀ`` through :func:`mask_logits`;
+  ``mask_row [bkv]`` (or ``[1, bkv]``) int32."""
+  return mask_logits(dot(q, k, (1, 1)) * scale, mask_row.reshape(1, -1))
 
 
 def probabilities(logits, lse, num_keys: int):
@@ -86,7 +96,8 @@ def probabilities(logits, lse, num_keys: int):
   A row whose routed keys are all masked has ``lse`` equal to the masked
   logit (``log(num_keys)`` vanishes in its rounding), which would give every
   key probability 1; its true softmax is uniform, ``1 / num_keys`` over the
-  ``num_keys = topk · Tk`` routed keys.
+  ``num_keys = topk · Tk`` routed keys (padding excluded; padded keys have a
+  logit of -inf, so their probability is 0 either way).
   """
   p = jnp.exp(logits - lse[:, None])
   return jnp.where(lse[:, None] == MASKED_LOGIT, p / num_keys, p)

@@ -120,21 +120,21 @@ def forward(q, k, v, kv_mask, region_index, *, scale, tiling, interpret):
 
 def _probabilities_and_score_grads(q, k, v, mask, do, lse, delta, scale,
                                    num_keys):
-  """``p = exp(s − lse)`` and ``ds = p ⊙ (do vᵀ − delta)`` (0 on masked keys),
-  both ``[bq, bkv]`` float32; ``num_keys`` routed keys per query."""
+  """``p = exp(s − lse)`` and ``ds = p ⊙ (do vᵀ − delta)`` (0 off the real
+  keys), both ``[bq, bkv]`` float32; ``num_keys`` routed keys per query."""
   p = probabilities(masked_logits(q, k, mask, scale), lse, num_keys)
   ds = p * (dot(do, v, (1, 1)) - delta[:, None])
-  return p, jnp.where(mask.reshape(1, -1) != 0, ds, 0.0)
+  return p, jnp.where(mask.reshape(1, -1) > 0, ds, 0.0)
 
 
 def _dq_kernel(index_ref, q_ref, k_ref, v_ref, mask_ref, do_ref, lse_ref,
                delta_ref, dq_ref, *, scale, block_kv):
   q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
-  num_keys = index_ref.shape[-1] * k_ref.shape[3]
 
   def body(k, v, mask, dq):
+    # A query with no real key has ds = 0, so its p needs no correction.
     _, ds = _probabilities_and_score_grads(q, k, v, mask, do, lse, delta,
-                                           scale, num_keys)
+                                           scale, num_keys=1)
     return dq + dot(ds.astype(k.dtype), k, (1, 0))
 
   dq = _walk_routed_keys(index_ref, k_ref, v_ref, mask_ref, body,
@@ -192,11 +192,10 @@ def _dkv_kernel(offsets_ref, queries_ref, q_ref, k_ref, v_ref, mask_ref,
 
 
 def backward_dkv(q, k, v, kv_mask, routes, do, lse, delta, *, scale, tiling,
-                 interpret):
+                 interpret, num_keys):
   """``dk [B, H, R, Tk, D]``, ``dv [B, H, R, Tk, Dv]`` float32."""
   batch, heads, regions, tk, d = k.shape
   dv, bkv = v.shape[-1], tiling.block_kv
-  num_keys = (routes.key_region.shape[1] - regions) // regions * tk
   kernel = functools.partial(_dkv_kernel, scale=scale, block_q=tiling.block_q,
                              num_keys=num_keys)
   key_block = lambda width: pl.BlockSpec(  # noqa: E731

@@ -34,8 +34,9 @@ columns live in ``[block, 128]`` scratch, one lane tile wide.
 
 A query row whose keys are all masked averages them uniformly (as in the
 reference); its ``lse = MASKED_LOGIT + log n`` rounds to ``MASKED_LOGIT``,
-so dK/dV divide its ``p`` by ``n = K·Tk`` (``common.probabilities``; dQ
-needs no such care, ``ds`` being 0 on masked keys).
+so dK/dV divide its ``p`` by ``n = K·Tk`` (``num_keys``, padding excluded:
+padded keys have a logit of -inf; ``common.probabilities``). dQ needs no
+such care, ``ds`` being 0 on masked keys.
 
 References:
   Zhu, Wang, Ke, Zhang, Lau, "BiFormer: Vision Transformer with Bi-Level
@@ -59,6 +60,7 @@ from kernels._routed_attention_common import (
   MASKED_LOGIT,
   InverseRoutes,
   dot,
+  mask_logits,
   masked_logits,
 )
 
@@ -216,7 +218,7 @@ def _dq_kernel(idx_ref, q_ref, k_ref, v_ref, mask_ref, do_ref, lse_ref,
   s = masked_logits(q_ref[...], k, mask, scale)
   p = jnp.exp(s - lse_sc[...][:, :1])
   dp = dot(do_ref[...], v_ref[...], (1, 1))
-  ds = jnp.where(mask != 0, p * (dp - delta_sc[...][:, :1]), 0.0)
+  ds = jnp.where(mask > 0, p * (dp - delta_sc[...][:, :1]), 0.0)
   acc_sc[...] += dot(ds.astype(k.dtype), k, (1, 0))
 
   @pl.when((j == num_k - 1) & (t == num_kv - 1))
@@ -297,16 +299,16 @@ def _dkv_kernel(key_ref, query_ref, q_ref, k_ref, v_ref, mask_ref, do_ref,
   @pl.when(query_ref[at(e)] >= 0)
   def _():
     q, k, do = q_ref[...], k_ref[...], do_ref[...]
-    real = mask_sc[...][:, :1] != 0
+    mask = mask_sc[...][:, :1]
     lse = lse_ref[...]
-    s_t = jnp.where(real, dot(k, q, (1, 1)) * scale, MASKED_LOGIT)
+    s_t = mask_logits(dot(k, q, (1, 1)) * scale, mask)
     # As common.probabilities, transposed: a row with no real key has
     # lse == MASKED_LOGIT and averages its n keys (exp(s − lse) would be 1).
     p_t = jnp.exp(s_t - lse)
     p_t = jnp.where(lse == MASKED_LOGIT, p_t / num_keys, p_t)
     dv_sc[...] += dot(p_t.astype(do.dtype), do, (1, 0))
     dp_t = dot(v_ref[...], do, (1, 1))
-    ds_t = jnp.where(real, p_t * (dp_t - delta_ref[...]), 0.0)
+    ds_t = jnp.where(mask > 0, p_t * (dp_t - delta_ref[...]), 0.0)
     dk_sc[...] += dot(ds_t.astype(q.dtype), q, (1, 0))
 
   @pl.when(last & (i == num_q - 1))
@@ -316,7 +318,7 @@ def _dkv_kernel(key_ref, query_ref, q_ref, k_ref, v_ref, mask_ref, do_ref,
 
 
 def backward_dkv(q, k, v, kv_mask, routes: InverseRoutes, do, lse, delta, *,
-                 scale, tiling, interpret):
+                 scale, tiling, interpret, num_keys):
   """``dk = scale · Σ dsᵀ q`` and ``dv = Σ pᵀ do`` over the query regions
   that routed to each key region.
 
@@ -325,6 +327,8 @@ def backward_dkv(q, k, v, kv_mask, routes: InverseRoutes, do, lse, delta, *,
     routes: ``invert_routes(region_index)``, ``[B, N]`` entries,
       ``N = R·K + R``.
     do, lse, delta: as in :func:`backward_dq`.
+    num_keys: ``K ·`` unpadded ``Tk``, the keys a query with no real key
+      averages.
 
   Returns:
     ``dk [B, H, R, Tk, D]`` and ``dv [B, H, R, Tk, Dv]`` float32, zero for a
@@ -333,7 +337,6 @@ def backward_dkv(q, k, v, kv_mask, routes: InverseRoutes, do, lse, delta, *,
   batch, heads, regions, tq, d = q.shape
   tk, dv = k.shape[3], v.shape[4]
   entries = routes.key_region.shape[1]
-  topk = entries // regions - 1
   bq, bkv = tiling.block_q, tiling.block_kv
   key_region = routes.key_region.reshape(-1).astype(jnp.int32)
   query_region = jnp.where(routes.valid != 0, routes.query_region,
@@ -353,7 +356,7 @@ def backward_dkv(q, k, v, kv_mask, routes: InverseRoutes, do, lse, delta, *,
 
   row_spec = pl.BlockSpec((None, None, None, None, 1, bq), row_map)
   kernel = functools.partial(_dkv_kernel, scale=scale, num_entries=entries,
-                             num_q=tq // bq, num_keys=topk * tk)
+                             num_q=tq // bq, num_keys=num_keys)
   return pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct(k.shape, F32),

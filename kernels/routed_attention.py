@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import _routed_attention_gpu, _routed_attention_tpu
-from kernels._routed_attention_common import F32, invert_routes
+from kernels._routed_attention_common import F32, PADDED, invert_routes
 
 IMPLEMENTATIONS = ("triton", "mosaic_tpu")
 _LOWERINGS = {"triton": _routed_attention_gpu,
@@ -206,21 +206,25 @@ def _resolve(interpret, implementation) -> tuple[bool, str]:
   return bool(interpret), implementation
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _fused(q, k, v, kv_mask, region_index, scale, tiling, interpret, impl):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _fused(q, k, v, kv_mask, region_index, scale, tiling, interpret, impl,
+           kv_tokens):
+  """Padded inputs; ``kv_tokens`` is the unpadded key count per region."""
   out, _ = _fused_fwd(q, k, v, kv_mask, region_index, scale, tiling,
-                      interpret, impl)
+                      interpret, impl, kv_tokens)
   return out
 
 
-def _fused_fwd(q, k, v, kv_mask, region_index, scale, tiling, interpret, impl):
+def _fused_fwd(q, k, v, kv_mask, region_index, scale, tiling, interpret, impl,
+               kv_tokens):
+  del kv_tokens
   out, lse = _LOWERINGS[impl].forward(q, k, v, kv_mask, region_index,
                                       scale=scale, tiling=tiling,
                                       interpret=interpret)
   return out, (q, k, v, kv_mask, region_index, out, lse)
 
 
-def _fused_bwd(scale, tiling, interpret, impl, residuals, do):
+def _fused_bwd(scale, tiling, interpret, impl, kv_tokens, residuals, do):
   q, k, v, kv_mask, region_index, out, lse = residuals
   lowering = _LOWERINGS[impl]
   delta = jnp.sum(do.astype(F32) * out.astype(F32), axis=-1)
@@ -229,7 +233,9 @@ def _fused_bwd(scale, tiling, interpret, impl, residuals, do):
   dq = lowering.backward_dq(q, k, v, kv_mask, region_index, do, lse, delta,
                             **common)
   dk, dv = lowering.backward_dkv(q, k, v, kv_mask, invert_routes(region_index),
-                                 do, lse, delta, **common)
+                                 do, lse, delta,
+                                 num_keys=region_index.shape[-1] * kv_tokens,
+                                 **common)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None,
           None)
 
@@ -256,10 +262,8 @@ def routed_attention(
   The same function as :func:`routed_attention_reference`, differentiable in
   ``q``, ``k`` and ``v`` (once) by a Pallas backward; see the module
   docstring for the algorithm. Tokens are zero-padded to whole blocks (the
-  padded keys masked) and head widths to a power of two ≥ 16, then sliced
-  back. One difference from the reference, only when padding was needed: a
-  query whose routed keys are *all* masked by ``kv_mask`` averages the padded
-  keys too (both give a meaningless row there).
+  padded keys get no probability, even in a row whose keys ``kv_mask`` masks
+  entirely) and head widths to a power of two ≥ 16, then sliced back.
 
   Args:
     q: queries ``[batch, heads, regions, q_tokens, qk_head_dim]``.
@@ -299,7 +303,9 @@ def routed_attention(
   v = _pad_axis(_pad_axis(v.astype(dtype), 3, block_kv), 4, width(dv))
   if kv_mask is None:
     kv_mask = jnp.ones((*region_index.shape[:2], tk), jnp.int32)
-  kv_mask = _pad_axis(kv_mask.astype(jnp.int32), 2, block_kv)
+  kv_mask = jnp.pad(kv_mask.astype(jnp.int32),
+                    ((0, 0), (0, 0), (0, -tk % block_kv)),
+                    constant_values=PADDED)
   out = _fused(q, k, v, kv_mask, region_index.astype(jnp.int32), float(scale),
-               tiling, interpret, implementation)
+               tiling, interpret, implementation, tk)
   return out[..., :tq, :dv]

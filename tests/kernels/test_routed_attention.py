@@ -120,8 +120,11 @@ def test_repeated_and_unrouted_regions(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fully_masked_query_region_averages_its_keys(impl):
-  q, k, v, index, _, dout = _problem(4, tokens=16)
-  kv_mask = jnp.ones((2, 6, 16), bool).at[:, index[0, 0]].set(False)
+  """All routed keys of query region 0 masked: the reference's softmax of
+  equal logits averages them; the 12 padded keys of each 20-token region
+  must take no part in it."""
+  q, k, v, index, _, dout = _problem(4)
+  kv_mask = jnp.ones((2, 6, 20), bool).at[:, index[0, 0]].set(False)
   got = _assert_matches_reference(impl, (q, k, v, index, kv_mask, dout))
   routed = v[0][:, index[0, 0]].reshape(2, -1, v.shape[-1])
   np.testing.assert_allclose(got[0][0, :, 0],
