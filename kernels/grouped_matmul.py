@@ -49,9 +49,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels import _grouped_matmul_gpu, _grouped_matmul_tpu
+from kernels import _grouped_matmul_gpu, _grouped_matmul_tpu, _lowering
+from kernels._lowering import IMPLEMENTATIONS as IMPLEMENTATIONS
 
-IMPLEMENTATIONS = ("triton", "mosaic_tpu")
 _LOWERINGS = {"triton": _grouped_matmul_gpu, "mosaic_tpu": _grouped_matmul_tpu}
 _F32 = jnp.float32
 
@@ -129,19 +129,13 @@ def _check(lhs, rhs, group_sizes, rhs_ndim: int, name: str) -> None:
 
 def _resolve(tiling, interpret, implementation) -> tuple[bool, str]:
   """Defaults for ``interpret`` and ``implementation``; checks the tiles."""
-  backend = jax.default_backend()
-  if interpret is None:
-    interpret = backend == "cpu"
-  if implementation is None:
-    implementation = "mosaic_tpu" if backend == "tpu" else "triton"
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"{implementation=} is not one of {IMPLEMENTATIONS}")
+  interpret, implementation = _lowering.resolve(interpret, implementation)
   blocks = (tiling.block_m, tiling.block_k, tiling.block_n)
   if implementation == "triton" and not interpret and any(
       b < 16 or b & (b - 1) for b in blocks):
     # Triton tensors are powers of two and tl.dot needs 16 per side.
     raise ValueError(f"Triton tiles must be powers of two >= 16: {tiling=}")
-  return bool(interpret), implementation
+  return interpret, implementation
 
 
 def _gmm(lhs, rhs, group_sizes, tiling, transpose_rhs, interpret, impl):

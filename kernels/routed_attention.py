@@ -53,10 +53,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels import _routed_attention_gpu, _routed_attention_tpu
+from kernels import _lowering, _routed_attention_gpu, _routed_attention_tpu
+from kernels._lowering import IMPLEMENTATIONS as IMPLEMENTATIONS
 from kernels._routed_attention_common import F32, PADDED, invert_routes
 
-IMPLEMENTATIONS = ("triton", "mosaic_tpu")
 _LOWERINGS = {"triton": _routed_attention_gpu,
               "mosaic_tpu": _routed_attention_tpu}
 
@@ -195,17 +195,6 @@ def _pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
   return jnp.pad(x, widths)
 
 
-def _resolve(interpret, implementation) -> tuple[bool, str]:
-  backend = jax.default_backend()
-  if interpret is None:
-    interpret = backend == "cpu"
-  if implementation is None:
-    implementation = "mosaic_tpu" if backend == "tpu" else "triton"
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"{implementation=} is not one of {IMPLEMENTATIONS}")
-  return bool(interpret), implementation
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
 def _fused(q, k, v, kv_mask, region_index, scale, tiling, interpret, impl,
            kv_tokens):
@@ -289,7 +278,7 @@ def routed_attention(
       unknown implementation.
   """
   _check_shapes(q, k, v, region_index, kv_mask)
-  interpret, implementation = _resolve(interpret, implementation)
+  interpret, implementation = _lowering.resolve(interpret, implementation)
   dtype = jnp.result_type(q, k, v)
   (*_, tq, d), (*_, tk, dv) = q.shape, v.shape
   if 0 in q.shape or 0 in k.shape or 0 in v.shape or 0 in region_index.shape:

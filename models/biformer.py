@@ -81,6 +81,13 @@ def _from_regions(x: jax.Array, n_win: int, h: int, w: int) -> jax.Array:
   return x.reshape(b, n_win * h, n_win * w, heads * d)
 
 
+def _depthwise_conv(dim: int, size: int, **layer) -> nnx.Conv:
+  """``size × size`` depthwise conv, zero "same" padding (odd ``size``)."""
+  pad = size // 2
+  return nnx.Conv(dim, dim, (size, size), padding=((pad, pad), (pad, pad)),
+                  feature_group_count=dim, **layer)
+
+
 class BiLevelRoutingAttention(nnx.Module):
   """Bi-level routing attention on NHWC maps (legacy official module).
 
@@ -156,13 +163,8 @@ class BiLevelRoutingAttention(nnx.Module):
     self.attention_impl = attention_impl
     layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.qkv = nnx.Linear(dim, 2 * qk_dim + dim, **layer)
-    lepe = None
-    if side_dwconv:
-      pad = side_dwconv // 2
-      lepe = nnx.Conv(dim, dim, (side_dwconv, side_dwconv),
-                      padding=((pad, pad), (pad, pad)),
-                      feature_group_count=dim, **layer)
-    self.lepe = nnx.data(lepe)
+    self.lepe = nnx.data(
+        _depthwise_conv(dim, side_dwconv, **layer) if side_dwconv else None)
     self.wo = nnx.Linear(dim, dim, **layer)
 
   def _pad(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
@@ -360,13 +362,8 @@ class MultiHeadSelfAttention(nnx.Module):
     layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.qkv = _linear(dim, 3 * dim, use_bias=False, **layer)
     self.proj = _linear(dim, dim, **layer)
-    lepe = None
-    if side_dwconv:
-      pad = side_dwconv // 2
-      lepe = nnx.Conv(dim, dim, (side_dwconv, side_dwconv),
-                      padding=((pad, pad), (pad, pad)),
-                      feature_group_count=dim, **layer)
-    self.lepe = nnx.data(lepe)
+    self.lepe = nnx.data(
+        _depthwise_conv(dim, side_dwconv, **layer) if side_dwconv else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Applies attention over all ``H·W`` tokens.
@@ -433,8 +430,7 @@ class BiFormerBlock(nnx.Module):
     """
     layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.drop_path = drop_path
-    self.pos_embed = nnx.Conv(dim, dim, (3, 3), padding=((1, 1), (1, 1)),
-                              feature_group_count=dim, **layer)
+    self.pos_embed = _depthwise_conv(dim, 3, **layer)
     self.norm1 = nnx.LayerNorm(dim, epsilon=1e-6, **layer)
     if topk > 0:
       attn = BiLevelRoutingAttention(
