@@ -117,6 +117,17 @@ def _query_maps(topk: int, regions: int):
   )
 
 
+def _routed_walk_specs(maps, bq: int, bkv: int, d: int, dv: int):
+  """Blocks of ``q``, the routed ``k`` and ``v`` tiles and their key mask at
+  step ``(b, h, r, i, j, t)``: the inputs the forward and dQ share."""
+  return [
+      pl.BlockSpec((None, None, None, bq, d), maps["query"]),
+      pl.BlockSpec((None, None, None, bkv, d), maps["key"]),
+      pl.BlockSpec((None, None, None, bkv, dv), maps["key"]),
+      pl.BlockSpec((None, None, None, 1, bkv), maps["mask"]),
+  ]
+
+
 def _fwd_kernel(idx_ref, q_ref, k_ref, v_ref, mask_ref, o_ref, lse_ref, m_sc,
                 l_sc, acc_sc, *, scale, num_k, num_kv):
   """Step ``(b, h, r, i, j, t)``: online softmax over key tile ``t`` of the
@@ -179,12 +190,7 @@ def forward(q, k, v, kv_mask, region_index, *, scale, tiling, interpret):
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1,
           grid=(batch, heads, regions, tq // bq, topk, tk // bkv),
-          in_specs=[
-              pl.BlockSpec((None, None, None, bq, d), maps["query"]),
-              pl.BlockSpec((None, None, None, bkv, d), maps["key"]),
-              pl.BlockSpec((None, None, None, bkv, dv), maps["key"]),
-              pl.BlockSpec((None, None, None, 1, bkv), maps["mask"]),
-          ],
+          in_specs=_routed_walk_specs(maps, bq, bkv, d, dv),
           out_specs=[
               pl.BlockSpec((None, None, None, bq, dv), maps["query"]),
               pl.BlockSpec((None, None, None, None, 1, bq),
@@ -255,10 +261,7 @@ def backward_dq(q, k, v, kv_mask, region_index, do, lse, delta, *, scale,
           num_scalar_prefetch=1,
           grid=(batch, heads, regions, tq // bq, topk, tk // bkv),
           in_specs=[
-              pl.BlockSpec((None, None, None, bq, d), maps["query"]),
-              pl.BlockSpec((None, None, None, bkv, d), maps["key"]),
-              pl.BlockSpec((None, None, None, bkv, dv), maps["key"]),
-              pl.BlockSpec((None, None, None, 1, bkv), maps["mask"]),
+              *_routed_walk_specs(maps, bq, bkv, d, dv),
               pl.BlockSpec((None, None, None, bq, dv), maps["query"]),
               row_spec,
               row_spec,

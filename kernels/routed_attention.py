@@ -181,9 +181,9 @@ class RoutedAttentionTiling:
         raise ValueError(f"{name}={value} must be a power of two >= 16")
 
 
-def _fit_block(block: int, tokens: int) -> int:
-  """``block`` shrunk to the smallest power of two ≥ max(tokens, 16)."""
-  return min(block, max(16, 1 << (tokens - 1).bit_length()))
+def _triton_size(n: int) -> int:
+  """The smallest power of two ≥ max(n, 16): a Triton tensor side."""
+  return max(16, 1 << (n - 1).bit_length())
 
 
 def _pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
@@ -283,13 +283,12 @@ def routed_attention(
   (*_, tq, d), (*_, tk, dv) = q.shape, v.shape
   if 0 in q.shape or 0 in k.shape or 0 in v.shape or 0 in region_index.shape:
     return jnp.zeros((*q.shape[:4], dv), dtype)
-  block_q = _fit_block(tiling.block_q, tq)
-  block_kv = _fit_block(tiling.block_kv, tk)
+  block_q = min(tiling.block_q, _triton_size(tq))
+  block_kv = min(tiling.block_kv, _triton_size(tk))
   tiling = dataclasses.replace(tiling, block_q=block_q, block_kv=block_kv)
-  width = lambda n: max(16, 1 << (n - 1).bit_length())  # noqa: E731
-  q = _pad_axis(_pad_axis(q.astype(dtype), 3, block_q), 4, width(d))
-  k = _pad_axis(_pad_axis(k.astype(dtype), 3, block_kv), 4, width(d))
-  v = _pad_axis(_pad_axis(v.astype(dtype), 3, block_kv), 4, width(dv))
+  q = _pad_axis(_pad_axis(q.astype(dtype), 3, block_q), 4, _triton_size(d))
+  k = _pad_axis(_pad_axis(k.astype(dtype), 3, block_kv), 4, _triton_size(d))
+  v = _pad_axis(_pad_axis(v.astype(dtype), 3, block_kv), 4, _triton_size(dv))
   if kv_mask is None:
     kv_mask = jnp.ones((*region_index.shape[:2], tk), jnp.int32)
   kv_mask = jnp.pad(kv_mask.astype(jnp.int32),

@@ -9,10 +9,9 @@ multiply-accumulates of matmuls and convolutions only.
 import jax
 import jax.numpy as jnp
 import pytest
-from flax import nnx
 
+from experiments.benchmarks import biformer_macs
 from models import count_macs
-from models.biformer import biformer_base, biformer_small, biformer_tiny
 
 
 def _spec(*shape):
@@ -63,17 +62,9 @@ def test_agrees_with_xla_cost_analysis_on_pure_contractions():
     assert 2 * count_macs(fn, *args) == flops
 
 
-@pytest.mark.parametrize("constructor, official", [
-    (biformer_tiny, 2.22e9),
-    (biformer_small, 4.46e9),
-    (biformer_base, 9.76e9),
-])
-def test_biformer_macs_match_official(constructor, official):
-  graphdef, state = nnx.split(
-      nnx.eval_shape(lambda: constructor(nnx.Rngs(0))))
-
-  def forward(state, x):
-    return nnx.merge(graphdef, state)(x, deterministic=True)
-
-  macs = count_macs(forward, state, _spec(1, 224, 224, 3))
-  assert macs == pytest.approx(official, rel=0.03)
+@pytest.mark.parametrize("name", sorted(biformer_macs.OFFICIAL))
+def test_biformer_params_and_macs_match_official(name):
+  constructor, official_params, official_macs = biformer_macs.OFFICIAL[name]
+  params, macs = biformer_macs.params_and_macs(constructor)
+  assert params == official_params
+  assert macs == pytest.approx(official_macs, rel=0.03)
