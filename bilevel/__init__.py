@@ -48,14 +48,16 @@ the implicit-differentiation engine behind ``implicit``.
 
 from bilevel import reference_problems
 from bilevel._base import (
+    OuterGradsNotUsed,
     Params,
     PerLevelState,
     Problem,
     cast_like,
-    make_step,
+    check_params,
     per_level,
     require_extra_args,
     upcast,
+    uses_outer_grads,
 )
 from bilevel._bip import BiPState, SequentialBiPState, bip, scale_by_bip
 from bilevel._implicit import ImplicitState, implicit, scale_by_implicit
@@ -91,26 +93,41 @@ from bilevel._projections import (
     projection_polyhedron_with_info,
     projection_simplex,
 )
+from bilevel._step import make_step
 from bilevel._unrolled import UnrolledState, scale_by_unrolled, unrolled
+from bilevel._wrappers import (
+    AccumulateState,
+    ApplyIfFiniteState,
+    accumulate,
+    apply_if_finite,
+    inject_hyperparams,
+)
 
 __all__ = (
+    "AccumulateState",
+    "ApplyIfFiniteState",
     "BiPState",
     "DykstraInfo",
     "ImplicitState",
     "LVHBAState",
+    "OuterGradsNotUsed",
     "Params",
     "PerLevelState",
     "Problem",
     "SequentialBiPState",
     "UnrolledState",
+    "accumulate",
+    "apply_if_finite",
     "binarize",
     "bip",
     "cast_like",
+    "check_params",
     "custom_fixed_point",
     "custom_root",
     "dykstra",
     "dykstra_with_info",
     "implicit",
+    "inject_hyperparams",
     "kkt_optimality_fn",
     "linear_solve_residual",
     "lv_hba",
@@ -139,4 +156,5 @@ __all__ = (
     "topk_mask_per_leaf",
     "unrolled",
     "upcast",
+    "uses_outer_grads",
 )

@@ -28,6 +28,10 @@ from jax import lax
 from bilevel._base import (
   Params,
   cast_like,
+  check_outer_grads_unused,
+  check_params,
+  evaluates_outer_loss_itself,
+  level_extra_args,
   per_level,
   require_extra_args,
   upcast,
@@ -35,10 +39,12 @@ from bilevel._base import (
 from bilevel._masks import straight_through_topk
 from bilevel._project import project_params
 from bilevel._projections import projection_capped_simplex
+from bilevel._wrappers import check_positive, check_static_int, declare_static
 
 PyTree = Any
 
 
+@evaluates_outer_loss_itself
 class BiPState(NamedTuple):
   """State of :func:`scale_by_bip`.
 
@@ -47,15 +53,14 @@ class BiPState(NamedTuple):
     implicit_gradient_norm: float32 scalar, ``‖IG‖`` at the last step that
       took an upper-level step (0 before the first).
     lower_grad_norm: float32 scalar, ``‖∇_θ g‖`` at the last update's input.
-    upper_loss: float32 scalar, ``ℓ_UL(m ⊙ θ)`` with ``m = mask_fn(upper)``
-      at the last upper-level step (0 before the first). With a ``mask_fn``,
-      ``make_step``'s ``outer_loss`` metric evaluates the losses at the raw
-      scores instead; read this one.
+    outer_loss: float32 scalar, ``ℓ_UL(m ⊙ θ)`` with ``m = mask_fn(upper)``
+      at the last upper-level step (0 before the first); ``make_step``
+      reports it as its ``outer_loss`` metric.
   """
   count: jax.Array
   implicit_gradient_norm: jax.Array
   lower_grad_norm: jax.Array
-  upper_loss: jax.Array
+  outer_loss: jax.Array
 
 
 def _broadcast_mask(mask_fn, upper, lower):
@@ -83,6 +88,7 @@ def _implicit_gradient(outer_loss, mask_fn, upper, lower, batch, *, gamma,
   return ig, jnp.asarray(loss, jnp.float32)
 
 
+@declare_static("lower_steps", "mask_fn")
 def scale_by_bip(
     *,
     gamma: float,
@@ -138,28 +144,30 @@ def scale_by_bip(
     ValueError: from the factory for ``gamma ≤ 0`` or ``lower_steps < 1``;
       from ``update`` without ``params``.
   """
-  if gamma <= 0 or lower_steps < 1:
-    raise ValueError(f"need gamma > 0 and lower_steps ≥ 1, got {gamma=}, "
-                     f"{lower_steps=}")
-  mask_fn = mask_fn or (lambda upper: upper)
-
+  _check_args(gamma, lower_steps)
   mask_fn = mask_fn or (lambda upper: upper)
   directions = functools.partial(_directions, gamma=gamma,
                                  lower_steps=lower_steps,
                                  correction=correction, mask_fn=mask_fn)
 
   def update_fn(outer_grads, state, params=None, **extra_args):
-    del outer_grads
+    check_outer_grads_unused(outer_grads, "bip", "at the pruned weights")
     (d_x, d_y), state = directions(state, params, extra_args)
     return cast_like(Params(d_x, d_y), params), state
 
   return optax.GradientTransformationExtraArgs(_init_state, update_fn)
 
 
+def _check_args(gamma, lower_steps):
+  check_positive(gamma, "gamma", "bip")
+  check_static_int(lower_steps, "lower_steps", "bip", minimum=1)
+
+
 def _init_state(params) -> BiPState:
   del params
-  zero = jnp.zeros([], jnp.float32)
-  return BiPState(jnp.zeros([], jnp.int32), zero, zero, zero)
+  # Distinct buffers per field: a donating jit refuses one buffer twice.
+  zero = lambda: jnp.zeros([], jnp.float32)
+  return BiPState(jnp.zeros([], jnp.int32), zero(), zero(), zero())
 
 
 def _directions(state, params, extra_args, *, gamma, lower_steps, correction,
@@ -169,8 +177,7 @@ def _directions(state, params, extra_args, *, gamma, lower_steps, correction,
   ``lower_step(d_y) -> θ'`` (None: ``θ' = θ``) gives the weights the IG is
   taken at: the paper's sequential order passes the θ-step.
   """
-  if params is None:
-    raise ValueError("BiP's update() needs params.")
+  check_params(params, "bip")
   outer_loss, inner_loss = require_extra_args(
       "bip", extra_args, "outer_loss", "inner_loss")
   upper, lower = upcast(params.upper), upcast(params.lower)
@@ -186,21 +193,22 @@ def _directions(state, params, extra_args, *, gamma, lower_steps, correction,
   if lower_steps == 1:
     # A model-sized backward under lax.cond ran ~36x slower on XLA:CPU
     # (experiments/benchmarks/bip_step.py); skip the cond when it is moot.
-    d_x, upper_loss = ig_fn()
+    d_x, loss_value = ig_fn()
   else:
-    d_x, upper_loss = lax.cond(
+    d_x, loss_value = lax.cond(
         take, ig_fn,
-        lambda: (optax.tree.zeros_like(upper), state.upper_loss))
+        lambda: (optax.tree.zeros_like(upper), state.outer_loss))
   ig_norm = jnp.where(take, optax.tree.norm(d_x),
                       state.implicit_gradient_norm)
   state = BiPState(
       count=optax.safe_int32_increment(state.count),
       implicit_gradient_norm=jnp.asarray(ig_norm, jnp.float32),
       lower_grad_norm=jnp.asarray(optax.tree.norm(d_y), jnp.float32),
-      upper_loss=upper_loss)
+      outer_loss=loss_value)
   return (d_x, d_y), state
 
 
+@evaluates_outer_loss_itself
 class SequentialBiPState(NamedTuple):
   """State of BiP in the paper's sequential order (``bip(sequential=True)``).
 
@@ -217,6 +225,8 @@ class SequentialBiPState(NamedTuple):
 def _sequential_bip(upper_optimizer, lower_optimizer, **direction_kwargs
                     ) -> optax.GradientTransformationExtraArgs:
   """Algorithm A1's order: the θ-step, then the IG at the updated θ."""
+  upper_optimizer = optax.with_extra_args_support(upper_optimizer)
+  lower_optimizer = optax.with_extra_args_support(lower_optimizer)
 
   def init_fn(params):
     return SequentialBiPState(_init_state(params),
@@ -224,27 +234,32 @@ def _sequential_bip(upper_optimizer, lower_optimizer, **direction_kwargs
                               lower_optimizer.init(params.lower))
 
   def update_fn(outer_grads, state, params=None, **extra_args):
-    del outer_grads
+    check_outer_grads_unused(outer_grads, "bip", "at the pruned weights")
+    check_params(params, "bip")
     lower_out = {}
 
     def lower_step(d_y):
       d_y = cast_like(d_y, params.lower)
       updates, lower_out["state"] = lower_optimizer.update(
-          d_y, state.lower, params.lower)
+          d_y, state.lower, params.lower,
+          **level_extra_args(extra_args, "lower", d_y, params.lower))
       lower_out["updates"] = updates
       return upcast(optax.apply_updates(params.lower, updates))
 
     (d_x, _), bip_state = _directions(state.bip, params, extra_args,
                                       lower_step=lower_step,
                                       **direction_kwargs)
+    d_x = cast_like(d_x, params.upper)
     upper_updates, upper_state = upper_optimizer.update(
-        cast_like(d_x, params.upper), state.upper, params.upper)
+        d_x, state.upper, params.upper,
+        **level_extra_args(extra_args, "upper", d_x, params.upper))
     return (Params(upper_updates, lower_out["updates"]),
             SequentialBiPState(bip_state, upper_state, lower_out["state"]))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@declare_static("budget", "lower_steps", "mask_fn")
 def bip(
     upper_optimizer: optax.GradientTransformation,
     lower_optimizer: optax.GradientTransformation,
@@ -305,9 +320,7 @@ def bip(
   if not relaxed and mask_fn is None:
     mask_fn = functools.partial(straight_through_topk, k=int(budget))
   if sequential:
-    if gamma <= 0 or lower_steps < 1:
-      raise ValueError(f"need gamma > 0 and lower_steps ≥ 1, got {gamma=}, "
-                       f"{lower_steps=}")
+    _check_args(gamma, lower_steps)
     txs = [_sequential_bip(
         upper_optimizer, lower_optimizer, gamma=gamma,
         lower_steps=lower_steps, correction=correction,

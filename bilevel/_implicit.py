@@ -16,6 +16,7 @@ References:
 """
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -27,13 +28,21 @@ import optax.tree_utils as otu
 from bilevel._base import (
   Params,
   cast_like,
+  check_outer_grads_unused,
+  check_params,
+  evaluates_outer_loss_itself,
   per_level,
   require_extra_args,
   upcast,
 )
-from bilevel._implicit_diff import kkt_optimality_fn, root_vjp
+from bilevel._implicit_diff import custom_root, kkt_optimality_fn
 from bilevel._inner import inner_solve
-from bilevel._linear_solve import solve_cg, solve_normal_cg
+from bilevel._linear_solve import (
+  linear_solve_residual,
+  solve_cg,
+  solve_normal_cg,
+)
+from bilevel._wrappers import check_static_int, declare_static
 
 PyTree = Any
 Solve = Callable[[Callable[[PyTree], PyTree], PyTree], PyTree]
@@ -45,6 +54,7 @@ DEFAULT_LINEAR_SOLVE = functools.partial(solve_cg, tol=1e-6, maxiter=100)
 DEFAULT_KKT_SOLVE = functools.partial(solve_normal_cg, tol=1e-8, maxiter=200)
 
 
+@evaluates_outer_loss_itself
 class ImplicitState(NamedTuple):
   """State of :func:`scale_by_implicit`: diagnostics of the last step.
 
@@ -52,13 +62,31 @@ class ImplicitState(NamedTuple):
     count: int32 scalar, number of updates.
     inner_grad_norm: float32 scalar, ``‖G(y*)‖`` — the lower-level gradient
       norm (KKT residual when constrained) at the solution used.
-    linear_solve_residual: float32 scalar, ``‖Aᵀu + ∇_y F‖/‖∇_y F‖`` of the
-      adjoint solve; large when CG stopped on negative curvature or
-      ``maxiter``.
+    linear_solve_residual: float32 scalar, the adjoint solve's relative
+      residual ``‖Aᵀu + ∇_y F‖/‖∇_y F‖`` as the linear solver tracked it
+      (large when it stopped on negative curvature or ``maxiter``).
+    outer_loss: float32 scalar, ``F(x, y*)``.
   """
   count: jax.Array
   inner_grad_norm: jax.Array
   linear_solve_residual: jax.Array
+  outer_loss: jax.Array
+
+
+def solve_with_residual(solve: Solve, matvec, b) -> tuple[PyTree, jax.Array]:
+  """``(x, ‖A x − b‖/‖b‖)``, the residual from the solver when it tracks one.
+
+  Solvers that accept ``return_residual=True`` report the residual of their
+  own recursion at no cost; for any other ``solve`` it costs one ``matvec``.
+  """
+  try:
+    tracks = "return_residual" in inspect.signature(solve).parameters
+  except (TypeError, ValueError):
+    tracks = False
+  if tracks:
+    return solve(matvec, b, return_residual=True)
+  x = solve(matvec, b)
+  return x, linear_solve_residual(matvec, x, b)
 
 
 def _multipliers(constraints, upper, lower, batch, grad_y):
@@ -67,9 +95,30 @@ def _multipliers(constraints, upper, lower, batch, grad_y):
   _, h_vjp = jax.vjp(h_fn, lower)
   jac = lambda w: jax.jvp(h_fn, (lower,), (w,))[1]
   jac_t = lambda nu: h_vjp(nu)[0]
-  return solve_cg(lambda nu: jac(jac_t(nu)), -jac(grad_y))
+  return solve_cg(lambda nu: jac(jac_t(nu)), otu.tree_scale(-1.0, jac(grad_y)))
 
 
+def _lower_level(inner_loss, constraints, solve_lower):
+  """``(optimality(sol, x, batch), solver(sol0, x, batch) -> sol)``.
+
+  Unconstrained: ``sol = y``, ``G = ∇_y f``. Equality-constrained:
+  ``sol = (y, ν)``, ``G`` the KKT map, ``ν`` by least squares at ``y*``.
+  """
+  if constraints is None:
+    optimality = lambda y, x, batch: jax.grad(inner_loss, argnums=1)(
+        x, y, batch)
+    return optimality, lambda y0, x, batch: solve_lower(x, y0, batch)
+  kkt = kkt_optimality_fn(inner_loss, constraints)
+
+  def solver(sol0, x, batch):
+    y = solve_lower(x, sol0[0], batch)
+    grad_y = jax.grad(inner_loss, argnums=1)(x, y, batch)
+    return y, _multipliers(constraints, x, y, batch, grad_y)
+
+  return lambda sol, x, batch: kkt(sol, x, batch), solver
+
+
+@declare_static("inner_steps", "linear_solve", "inner_solver")
 def scale_by_implicit(
     inner_optimizer: optax.GradientTransformation | None,
     inner_steps: int,
@@ -80,22 +129,30 @@ def scale_by_implicit(
 ) -> optax.GradientTransformationExtraArgs:
   """Turns the outer problem into implicit hypergradient directions.
 
-  ``update(outer_grads, state, params, *, outer_loss, inner_loss,
+  ``update(None, state, params, *, outer_loss, inner_loss,
   outer_batch=None, inner_batch=None, constraints=None)`` returns
   ``Params(upper=∇Φ(x), lower=y − y*)``: after ``per_level(upper_opt,
-  optax.sgd(1.0))`` the lower level sits exactly at ``y*``. ``outer_grads`` is
-  unused (it is taken at the old ``y``). Work runs in at least float32;
+  optax.sgd(1.0))`` the lower level sits exactly at ``y*``. ``∇F`` is taken
+  at ``(x, y*)``, so ``outer_grads`` must be None (``make_step`` passes
+  :class:`bilevel.OuterGradsNotUsed`). Work runs in at least float32;
   directions come back in the dtypes of ``params``.
+
+  The directions are differentiable, to any order and in both modes, as
+  functions of ``params`` and of anything the losses and optimizers close
+  over that is traced: ``y*(x)`` goes through :func:`bilevel.custom_root`
+  and the adjoint ``u`` through the linear solver's
+  ``custom_linear_solve``, so ``∂∇Φ/∂x`` and meta-gradients through several
+  steps are the implicit function theorem's, never a silent zero.
 
   Args:
     inner_optimizer: optax transformation for the lower level, run for
       ``inner_steps`` steps from ``params.lower`` with a fresh state.
-    inner_steps: number of inner steps.
+    inner_steps: number of inner steps (a Python int).
     linear_solve: ``solve(matvec, b)`` for the adjoint system; default
-      :data:`DEFAULT_LINEAR_SOLVE` (curvature-safe CG, ``tol=1e-6``,
-      ``maxiter=100``), or normal CG when ``equality_constrained``. On
-      non-convex lower levels near-zero curvature can still lengthen CG's
-      steps: when ``linear_solve_residual`` stays near 1, add ``ridge``.
+      :data:`DEFAULT_LINEAR_SOLVE`, or normal CG when
+      ``equality_constrained``. A solver accepting ``return_residual=True``
+      reports the residual for free; any other costs one more ``matvec``
+      for the ``linear_solve_residual`` diagnostic.
     inner_solver: optional exact solver ``(upper, lower_init, inner_batch) ->
       y*`` replacing the optax loop (required with constraints).
     equality_constrained: treat ``constraints(upper, lower, inner_batch) =
@@ -110,6 +167,8 @@ def scale_by_implicit(
     ValueError: if neither ``inner_optimizer`` nor ``inner_solver`` is given,
       or ``equality_constrained`` without ``inner_solver``.
   """
+  if inner_solver is None:
+    check_static_int(inner_steps, "inner_steps", "implicit")
   if inner_solver is None and (inner_optimizer is None or
                                equality_constrained):
     raise ValueError("scale_by_implicit needs an inner_solver with "
@@ -120,54 +179,59 @@ def scale_by_implicit(
   required = ("outer_loss", "inner_loss") + (
       ("constraints",) if equality_constrained else ())
 
-  def solve_lower(inner_loss, upper, lower, batch):
-    if inner_solver is not None:
-      return cast_like(inner_solver(upper, lower, batch), lower)
-    return inner_solve(inner_loss, inner_optimizer, inner_steps, upper, lower,
-                       batch)
-
   def init_fn(params):
     del params
     # Distinct arrays per field, so a donating jit never sees one buffer twice.
-    return ImplicitState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.float32),
-                         jnp.zeros([], jnp.float32))
+    scalar = lambda: jnp.zeros([], jnp.float32)
+    return ImplicitState(jnp.zeros([], jnp.int32), scalar(), scalar(),
+                         scalar())
 
   def update_fn(outer_grads, state, params=None, **extra_args):
-    del outer_grads  # at the old lower; the hypergradient is taken at y*.
-    if params is None:
-      raise ValueError("scale_by_implicit.update() needs params.")
+    check_outer_grads_unused(outer_grads, "implicit",
+                             "at (x, y*) after the inner solve")
+    params = check_params(params, "implicit")
     outer_loss, inner_loss, *constraints = require_extra_args(
         "implicit", extra_args, *required)
     outer_batch = extra_args.get("outer_batch")
     inner_batch = extra_args.get("inner_batch")
     x, y0 = upcast(params.upper), upcast(params.lower)
-    y_star = jax.lax.stop_gradient(solve_lower(inner_loss, x, y0, inner_batch))
-    grad_x, grad_y = jax.grad(outer_loss, argnums=(0, 1))(x, y_star,
-                                                         outer_batch)
-    if constraints:
-      kkt = kkt_optimality_fn(inner_loss, constraints[0])
-      optimality = lambda s, x: kkt(s, x, inner_batch)
-      nu = _multipliers(constraints[0], x, y_star, inner_batch,
-                        jax.grad(inner_loss, argnums=1)(x, y_star, inner_batch))
-      sol, v = (y_star, nu), (grad_y, jnp.zeros_like(nu))
-    else:
-      optimality = lambda y, x: jax.grad(inner_loss, argnums=1)(x, y,
-                                                                inner_batch)
-      sol, v = y_star, grad_y
-    (vjp_x,), optimality_value, residual = root_vjp(
-        optimality, sol, (x,), v, linear_solve)
+
+    def solve_lower(x, y0, batch):
+      if inner_solver is not None:
+        return cast_like(inner_solver(x, y0, batch), y0)
+      return inner_solve(inner_loss, inner_optimizer, inner_steps, x, y0,
+                         batch)
+
+    optimality, solver = _lower_level(
+        inner_loss, constraints[0] if constraints else None, solve_lower)
+    sol0 = y0 if not constraints else (
+        y0, jnp.zeros(jax.eval_shape(constraints[0], x, y0,
+                                     inner_batch).shape, jnp.float32))
+    sol = custom_root(optimality, solve=linear_solve)(solver)(
+        sol0, x, inner_batch)
+    y_star = sol[0] if constraints else sol
+    value, (grad_x, grad_y) = jax.value_and_grad(
+        outer_loss, argnums=(0, 1))(x, y_star, outer_batch)
+    cotangent = (grad_y, jnp.zeros_like(sol[1])) if constraints else grad_y
+    g_value, vjp_sol = jax.vjp(lambda s: optimality(s, x, inner_batch), sol)
+    u, residual = solve_with_residual(
+        linear_solve, lambda w: vjp_sol(w)[0],
+        otu.tree_scale(-1.0, cotangent))
+    _, vjp_x = jax.vjp(lambda x: optimality(sol, x, inner_batch), x)
     directions = Params(
-        upper=cast_like(otu.tree_add(grad_x, vjp_x), params.upper),
+        upper=cast_like(otu.tree_add(grad_x, vjp_x(u)[0]), params.upper),
         lower=cast_like(otu.tree_sub(y0, y_star), params.lower))
     state = ImplicitState(
         count=optax.safe_int32_increment(state.count),
-        inner_grad_norm=otu.tree_norm(optimality_value).astype(jnp.float32),
-        linear_solve_residual=residual.astype(jnp.float32))
+        inner_grad_norm=otu.tree_norm(g_value).astype(jnp.float32),
+        linear_solve_residual=jnp.asarray(residual, jnp.float32),
+        outer_loss=jnp.asarray(value, jnp.float32))
     return directions, state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@declare_static("inner_steps", "linear_solve", "inner_solver")
 def implicit(
     upper_optimizer: optax.GradientTransformation,
     inner_optimizer: optax.GradientTransformation | None,

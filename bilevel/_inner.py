@@ -4,6 +4,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
 
@@ -38,7 +39,8 @@ def inner_solve(
     remat: wrap each step in :func:`jax.checkpoint`, so reverse mode stores
       only the per-step carry (``O(T)`` copies of ``y`` and the optimizer
       state) and recomputes each step's activations.
-    return_grad_norm: also return ``‖∇_y f(x, y_T)‖`` (one more gradient).
+    return_grad_norm: also return ``‖∇_y f(x, y_{T−1})‖``, the norm of the
+      last gradient the loop computed (free; ``0`` when ``num_steps = 0``).
 
   Returns:
     ``y_T``, or ``(y_T, grad_norm)``.
@@ -46,15 +48,17 @@ def inner_solve(
   grad_fn = jax.grad(inner_loss, argnums=1)
 
   def step(carry, _):
-    y, opt_state = carry
-    updates, opt_state = inner_optimizer.update(
-        grad_fn(upper, y, inner_batch), opt_state, y)
-    return (optax.apply_updates(y, updates), opt_state), None
+    y, opt_state, _ = carry
+    grad = grad_fn(upper, y, inner_batch)
+    updates, opt_state = inner_optimizer.update(grad, opt_state, y)
+    norm = otu.tree_norm(grad) if return_grad_norm else 0.0
+    return (optax.apply_updates(y, updates), opt_state,
+            jnp.asarray(norm, jnp.float32)), None
 
   if remat:
     step = jax.checkpoint(step, prevent_cse=False)
-  carry = (lower, inner_optimizer.init(lower))
-  (lower, _), _ = jax.lax.scan(step, carry, length=num_steps)
+  carry = (lower, inner_optimizer.init(lower), jnp.zeros([], jnp.float32))
+  (lower, _, grad_norm), _ = jax.lax.scan(step, carry, length=num_steps)
   if not return_grad_norm:
     return lower
-  return lower, otu.tree_norm(grad_fn(upper, lower, inner_batch))
+  return lower, grad_norm

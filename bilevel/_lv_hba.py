@@ -27,13 +27,16 @@ import jax.numpy as jnp
 import optax
 
 from bilevel._base import (
+  OuterGradsNotUsed,
   Params,
   cast_like,
+  check_params,
   per_level,
   require_extra_args,
   upcast,
 )
 from bilevel._project import project_params
+from bilevel._wrappers import check_static_int, declare_static
 
 PyTree = Any
 
@@ -109,6 +112,7 @@ def _z_step(lam, z, g_xy, *, beta, gamma2, z_box, equality):
   return z, prox, violation, jnp.linalg.norm(lam)
 
 
+@declare_static("num_constraints", "project_lower")
 def scale_by_lv_hba(
     num_constraints: int,
     *,
@@ -165,6 +169,7 @@ def scale_by_lv_hba(
   Returns:
     A transformation whose state is an :class:`LVHBAState`.
   """
+  check_static_int(num_constraints, "num_constraints", "lv_hba")
   lam_box = (-multiplier_radius if equality else 0.0, multiplier_radius)
   z_box = (-z_radius if equality else 0.0, z_radius)
   if z_lower is not None:
@@ -183,9 +188,10 @@ def scale_by_lv_hba(
                       scalar(), scalar(), scalar())
 
   def update_fn(outer_grads, state, params=None, **extra_args):
-    if params is None or outer_grads is None:
-      raise ValueError("scale_by_lv_hba.update() needs params and "
-                       "outer_grads = ∇F(params).")
+    params = check_params(params, "lv_hba")
+    if outer_grads is None or isinstance(outer_grads, OuterGradsNotUsed):
+      raise ValueError("lv_hba.update() needs outer_grads = ∇F(params) "
+                       "(its penalty's outer term is taken at the input).")
     inner_loss, *constraints = require_extra_args(
         "lv_hba", extra_args, *required)
     lagrangian = _lagrangian(inner_loss, constraints[0] if constraints
@@ -227,6 +233,7 @@ def scale_by_lv_hba(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@declare_static("num_constraints", "project_lower", "project_joint")
 def lv_hba(
     num_constraints: int,
     *,

@@ -27,22 +27,37 @@ class SolverCase:
 
   Attributes:
     name: test id.
-    make: ``make(problem_name, upper_optimizer=None) -> tx``; the problem
-      name lets a row pick step sizes suited to it (never the checks); an
-      ``upper_optimizer`` given by a check replaces the row's default.
+    factory: the public factory (``bilevel.implicit``, ...).
+    kwargs: ``kwargs(problem_name, upper_optimizer) -> dict`` for
+      ``factory``; the problem name lets a row pick step sizes suited to it
+      (never the checks); an ``upper_optimizer`` given by a check (None
+      otherwise) replaces the row's default.
     required: extra arguments whose absence must raise ``TypeError``.
     steps: outer steps to converge on each of ``problems``.
     tol: relative distance to x* accepted after ``steps``.
     problems: names of the reference problems (keys of ``_PROBLEMS``) the
       checks run the row on: convergence on each, the cheap checks on the
       first, the dtype, sharding and checkpoint checks on the last.
+    parts: ``parts(problem_name) -> (directions, optimizer)``, the solver
+      split as its alias chains it (for ``bilevel.accumulate``); None where
+      the alias is not such a chain (BiP's sequential order).
+    hyper: ``(name, value)`` of a numeric factory argument to change through
+      ``inject_hyperparams`` (None: the factory has none).
+    uses_outer_grads: whether the solver reads ``outer_grads``.
   """
   name: str
-  make: Callable[..., optax.GradientTransformation]
+  factory: Callable[..., optax.GradientTransformation]
+  kwargs: Callable[..., dict]
   required: tuple[str, ...]
   steps: int = 60
   tol: float = 1e-3
   problems: tuple[str, ...] = ("r1", "r2")
+  parts: Callable[[str], tuple] | None = None
+  hyper: tuple[str, float] | None = None
+  uses_outer_grads: bool = False
+
+  def make(self, problem_name, upper=None):
+    return self.factory(**self.kwargs(problem_name, upper))
 
 
 # Inner step sizes: R1's inner Hessian is 1; R2's has spectrum in
@@ -50,46 +65,92 @@ class SolverCase:
 _INNER_LR = {"r1": 0.5, "r2": 0.5}
 _OUTER_LR = {"r1": 0.3, "r2": 0.3}
 
+
+def _reference_kwargs(p, upper):
+  return dict(upper_optimizer=upper or optax.sgd(_OUTER_LR[p]),
+              inner_optimizer=optax.sgd(_INNER_LR[p]), inner_steps=40)
+
+
+def _lv_hba_kwargs(p, upper):
+  del p
+  return dict(num_constraints=0, alpha=0.5, beta=0.5, eta=0.5, gamma1=10.0,
+              gamma2=10.0, c=10.0, upper_optimizer=upper)
+
+
+def _bip_kwargs(sequential, lower_steps=1):
+  def kwargs(p, upper):
+    del p
+    return dict(upper_optimizer=upper or optax.sgd(0.1),
+                lower_optimizer=optax.sgd(0.5), gamma=0.1, budget=4,
+                sequential=sequential, lower_steps=lower_steps)
+  return kwargs
+
+
+def _sgd_pair(upper_lr, lower_lr):
+  return bilevel.per_level(optax.sgd(upper_lr), optax.sgd(lower_lr))
+
+
 SOLVERS = (
     SolverCase(
         name="implicit",
-        make=lambda p, upper=None: bilevel.implicit(
-            upper or optax.sgd(_OUTER_LR[p]), optax.sgd(_INNER_LR[p]),
-            inner_steps=40),
+        factory=bilevel.implicit,
+        kwargs=_reference_kwargs,
         required=("outer_loss", "inner_loss"),
+        parts=lambda p: (bilevel.scale_by_implicit(optax.sgd(_INNER_LR[p]),
+                                                   40),
+                         _sgd_pair(_OUTER_LR[p], 1.0)),
     ),
     SolverCase(
         name="unrolled",
-        make=lambda p, upper=None: bilevel.unrolled(
-            upper or optax.sgd(_OUTER_LR[p]), optax.sgd(_INNER_LR[p]),
-            inner_steps=40),
+        factory=bilevel.unrolled,
+        kwargs=_reference_kwargs,
         required=("outer_loss", "inner_loss"),
+        parts=lambda p: (bilevel.scale_by_unrolled(optax.sgd(_INNER_LR[p]),
+                                                   40),
+                         _sgd_pair(_OUTER_LR[p], 1.0)),
     ),
     # Unconstrained LV-HBA is a penalty method: x is biased by O(1/c_k).
     SolverCase(
         name="lv_hba",
-        make=lambda p, upper=None: bilevel.lv_hba(
-            0, alpha=0.5, beta=0.5, eta=0.5, gamma1=10.0, gamma2=10.0,
-            c=10.0, upper_optimizer=upper),
+        factory=bilevel.lv_hba,
+        kwargs=_lv_hba_kwargs,
         required=("inner_loss",),
         steps=1000,
         tol=5e-3,
+        parts=lambda p: (bilevel.scale_by_lv_hba(
+            0, eta=0.5, beta=0.5, gamma1=10.0, gamma2=10.0, c=10.0),
+                         _sgd_pair(0.5, 0.5)),
+        hyper=("c", 3.0),
+        uses_outer_grads=True,
     ),
     # BiP's upper level is a mask: R1/R2 do not fit its loss form.
     SolverCase(
         name="bip",
-        make=lambda p, upper=None: bilevel.bip(
-            upper or optax.sgd(0.1), optax.sgd(0.5), gamma=0.1, budget=4),
+        factory=bilevel.bip,
+        kwargs=_bip_kwargs(sequential=True),
         required=("outer_loss", "inner_loss"),
         problems=("masked_regression",),
+        hyper=("gamma", 0.3),
     ),
     SolverCase(
         name="bip_simultaneous",
-        make=lambda p, upper=None: bilevel.bip(
-            upper or optax.sgd(0.1), optax.sgd(0.5), gamma=0.1, budget=4,
-            sequential=False),
+        factory=bilevel.bip,
+        kwargs=_bip_kwargs(sequential=False),
         required=("outer_loss", "inner_loss"),
         problems=("masked_regression",),
+        parts=lambda p: (bilevel.scale_by_bip(gamma=0.1),
+                         _sgd_pair(0.1, 0.5)),
+        hyper=("gamma", 0.3),
+    ),
+    # One mask step every second θ-step (the lax.cond path of the IG).
+    SolverCase(
+        name="bip_lower_steps2",
+        factory=bilevel.bip,
+        kwargs=_bip_kwargs(sequential=True, lower_steps=2),
+        required=("outer_loss", "inner_loss"),
+        steps=120,
+        problems=("masked_regression",),
+        hyper=("gamma", 0.3),
     ),
 )
 IDS = [c.name for c in SOLVERS]
@@ -126,9 +187,19 @@ def _run(tx, ref, params, state, steps):
   return params, state
 
 
-def _outer_grads(ref, params):
+def _outer_grads(ref, params, state):
+  """``∇F(params)`` for solvers that read it, else None."""
+  if not bilevel.uses_outer_grads(state):
+    return None
   return jax.grad(lambda p: ref.problem.outer_loss(
       p.upper, p.lower, ref.batches.get("outer_batch")))(params)
+
+
+@pytest.mark.parametrize("case", SOLVERS, ids=IDS)
+def test_declares_whether_it_reads_outer_grads(case):
+  ref = _problem(case.problems[0])
+  state = case.make(case.problems[0]).init(ref.init)
+  assert bilevel.uses_outer_grads(state) == case.uses_outer_grads
 
 
 @pytest.mark.parametrize("case", SOLVERS, ids=IDS)
@@ -137,7 +208,7 @@ def test_compiles_under_jit(case):
   tx = case.make(case.problems[-1])
   state = jax.jit(tx.init)(ref.init)
   update = jax.jit(lambda g, s, p: tx.update(g, s, p, **_extra_args(ref)))
-  updates, _ = update(_outer_grads(ref, ref.init), state, ref.init)
+  updates, _ = update(_outer_grads(ref, ref.init, state), state, ref.init)
   same_shapes = jax.tree.map(lambda u, p: u.shape == p.shape, updates,
                              ref.init)
   assert all(jax.tree.leaves(same_shapes))
@@ -148,7 +219,7 @@ def test_ignores_unknown_extra_args(case):
   ref = _problem(case.problems[0])
   tx = case.make(case.problems[0])
   state = tx.init(ref.init)
-  grads = _outer_grads(ref, ref.init)
+  grads = _outer_grads(ref, ref.init, state)
   expected, _ = tx.update(grads, state, ref.init, **_extra_args(ref))
   got, _ = tx.update(grads, state, ref.init, **_extra_args(ref),
                      not_an_argument=123, another_one="x")
@@ -160,7 +231,7 @@ def test_missing_required_extra_args_raise(case):
   ref = _problem(case.problems[0])
   tx = case.make(case.problems[0])
   state = tx.init(ref.init)
-  grads = _outer_grads(ref, ref.init)
+  grads = _outer_grads(ref, ref.init, state)
   for name in case.required:
     extra = _extra_args(ref)
     del extra[name]
@@ -175,7 +246,7 @@ def test_keeps_param_dtype(case, dtype):
   params = jax.tree.map(lambda x: x.astype(dtype), ref.init)
   tx = case.make(case.problems[-1])
   state = tx.init(params)
-  updates, _ = tx.update(_outer_grads(ref, params), state, params,
+  updates, _ = tx.update(_outer_grads(ref, params, state), state, params,
                          **_extra_args(ref))
   for u in jax.tree.leaves(updates):
     assert u.dtype == dtype
