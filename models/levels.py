@@ -115,7 +115,8 @@ def _check_claims(model, upper, lower, rest) -> None:
                             ("rest", rest))}
   matched = {"upper": 0, "lower": 0}
   overlap, unclaimed = [], []
-  for path, var in nnx.to_flat_state(nnx.state(model)):
+  variables = nnx.to_flat_state(nnx.state(model))
+  for path, var in variables:
     up, low = claims["upper"](path, var), claims["lower"](path, var)
     matched["upper"] += up
     matched["lower"] += low
@@ -123,8 +124,6 @@ def _check_claims(model, upper, lower, rest) -> None:
       overlap.append(f"{_path(path)} ({type(var).__name__})")
     if not (up or low or claims["rest"](path, var)):
       unclaimed.append(f"{_path(path)} ({type(var).__name__})")
-  kinds = sorted({type(v).__name__
-                  for _, v in nnx.to_flat_state(nnx.state(model))})
   if overlap:
     raise ValueError(
         f"overlapping filters: upper={_describe(upper)} and"
@@ -135,6 +134,7 @@ def _check_claims(model, upper, lower, rest) -> None:
         f"no filter claims {unclaimed[:5]} ({len(unclaimed)} variables) of"
         f" {type(model).__name__}: upper={_describe(upper)},"
         f" lower={_describe(lower)}, rest={_describe(rest)}; use rest=...")
+  kinds = sorted({type(v).__name__ for _, v in variables})
   for name, level in (("upper", upper), ("lower", lower)):
     if level not in (None, ()) and not matched[name]:
       raise ValueError(
