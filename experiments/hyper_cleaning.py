@@ -7,8 +7,9 @@ With per-example logits ``u ∈ R^n`` (upper level) and classifier weights ``w``
     s.t.   w*(u) = argmin_w (1/n) Σ_i σ(u_i) CE(f_w(x_i), ỹ_i) + (l2/2) ‖w‖²
 
 A flipped example should get a low weight ``σ(u_i)``. The classifier is an
-NNX :class:`models.MLP`; ``nnx.split`` gives its graph and the lower pytree,
-and the losses ``nnx.merge`` them back, so the problem is pure functions of
+NNX :class:`models.MLP`; :func:`models.split_levels` gives its graph and the
+lower pytree (the logits ``u`` live outside the model), and the losses
+:func:`models.merge_levels` them back, so the problem is pure functions of
 pytrees. ``‖w‖²`` covers every lower parameter, biases included.
 
 References:
@@ -29,7 +30,7 @@ import bilevel
 from experiments import data as data_lib
 from experiments import evaluation
 from experiments.task import Task
-from models import MLP
+from models import MLP, merge_levels, split_levels
 
 
 class NoisySplits(NamedTuple):
@@ -115,17 +116,20 @@ def _flat(x: np.ndarray) -> jax.Array:
 
 
 def _classifier(key, in_features, hidden_sizes, num_classes, dtype):
-  """The MLP as ``(graphdef, lower)``, float32 parameters."""
+  """The MLP as ``(apply, lower)``: ``apply(lower) -> module``, float32."""
   model = MLP(in_features, tuple(hidden_sizes), num_classes, dtype=dtype,
               param_dtype=jnp.float32, rngs=nnx.Rngs(params=key))
-  return nnx.split(model)
+  graphdef, (no_upper, lower), rest = split_levels(model, ())
+  apply = lambda lower: merge_levels(
+      graphdef, bilevel.Params(no_upper, lower), rest)
+  return apply, lower
 
 
-def _losses(graphdef, l2: float):
+def _losses(apply, l2: float):
   """The weighted training loss and the plain cross-entropy, in float32."""
 
   def cross_entropy(lower, x, y):
-    logits = nnx.merge(graphdef, lower)(x).astype(jnp.float32)
+    logits = apply(lower)(x).astype(jnp.float32)
     return optax.losses.softmax_cross_entropy_with_integer_labels(logits, y)
 
   def weighted_loss(lower, x, y, weights):
@@ -191,9 +195,9 @@ def build_task(
   model_key, inner_key, outer_key = jax.random.split(key, 3)
   train_x, val_x, test_x = map(_flat, (splits.train_x, splits.val_x,
                                        splits.test_x))
-  graphdef, lower = _classifier(model_key, train_x.shape[1], hidden_sizes,
-                                splits.num_classes, dtype)
-  weighted_loss, cross_entropy = _losses(graphdef, l2)
+  apply, lower = _classifier(model_key, train_x.shape[1], hidden_sizes,
+                             splits.num_classes, dtype)
+  weighted_loss, cross_entropy = _losses(apply, l2)
 
   def inner_loss(upper, lower, batch):
     weights = jax.nn.sigmoid(upper[batch["index"]].astype(jnp.float32))
@@ -215,12 +219,12 @@ def build_task(
 
   init_params = bilevel.Params(
       upper=jnp.zeros(len(train_x), jnp.float32), lower=lower)
-  evaluate = _evaluator(graphdef, splits, val_x, test_x)
+  evaluate = _evaluator(apply, splits, val_x, test_x)
   return Task(bilevel.Problem(outer_loss, inner_loss), init_params, batches,
               evaluate)
 
 
-def _evaluator(graphdef, splits: NoisySplits, val_x, test_x):
+def _evaluator(apply, splits: NoisySplits, val_x, test_x):
   """``evaluate(params) -> metrics`` of :func:`build_task`."""
   val_y = jnp.asarray(splits.val_y, jnp.int32)
   test_y = jnp.asarray(splits.test_y, jnp.int32)
@@ -228,7 +232,7 @@ def _evaluator(graphdef, splits: NoisySplits, val_x, test_x):
 
   @jax.jit
   def accuracies(lower, val_x, test_x):
-    model = nnx.merge(graphdef, lower)
+    model = apply(lower)
     return (evaluation.accuracy(model(val_x), val_y),
             evaluation.accuracy(model(test_x), test_y))
 
@@ -329,9 +333,9 @@ def train_baselines(
   """
   model_key, inner_key, _ = jax.random.split(key, 3)
   train_x, test_x = _flat(splits.train_x), _flat(splits.test_x)
-  graphdef, lower = _classifier(model_key, train_x.shape[1], hidden_sizes,
-                                splits.num_classes, dtype)
-  weighted_loss, _ = _losses(graphdef, l2)
+  apply, lower = _classifier(model_key, train_x.shape[1], hidden_sizes,
+                             splits.num_classes, dtype)
+  weighted_loss, _ = _losses(apply, l2)
   stream = data_lib.BatchStream(inner_key, len(train_x), batch_size)
 
   @jax.jit
@@ -342,7 +346,7 @@ def train_baselines(
       index = stream.indices(step)
       return weighted_loss(w, train_x[index], train_y[index], 1.0)
     lower = _minimize(loss, lower, optimizer, steps)
-    return evaluation.accuracy(nnx.merge(graphdef, lower)(test_x), test_y)
+    return evaluation.accuracy(apply(lower)(test_x), test_y)
 
   test_y = jnp.asarray(splits.test_y, jnp.int32)
   results = {}

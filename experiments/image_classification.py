@@ -28,7 +28,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+import bilevel
 from experiments import data as data_lib
+from models import merge_levels, split_levels, updated_rest
 
 Weights = dict[str, jax.Array]
 
@@ -53,14 +55,16 @@ class Network:
     Args:
       model: an NNX module called as ``model(x, train=bool)``.
     """
-    self._graphdef, params, self._rest = nnx.split(model, nnx.Param, ...)
+    # The pruning masks live outside the model: its upper level is empty.
+    self._graphdef, (self._no_upper, params), self._rest = split_levels(
+        model, ())
     flat = nnx.to_flat_state(params)
     self._flat_paths = [path for path, _ in flat]
     self.paths = [_dotted(path) for path in self._flat_paths]
     self._init = {name: v[...] for name, (_, v) in zip(self.paths, flat)}
     # A copy whose BatchNorm layers keep the last batch's statistics
     # (momentum 0): one train-mode forward then *returns* them.
-    probe = nnx.merge(self._graphdef, params, self._rest, copy=True)
+    probe = merge_levels(self._graphdef, self._levels(params), self._rest)
     for _, module in nnx.iter_modules(probe):
       if isinstance(module, nnx.BatchNorm):
         module.momentum = 0.0
@@ -71,6 +75,9 @@ class Network:
   def init_weights(self) -> Weights:
     """The module's initial weights, ``{dotted.path: array}``."""
     return dict(self._init)
+
+  def _levels(self, lower: nnx.State) -> bilevel.Params:
+    return bilevel.Params(self._no_upper, lower)
 
   def _state(self, weights: Weights) -> nnx.State:
     missing = set(self.paths) - set(weights)
@@ -96,7 +103,8 @@ class Network:
         drop path), passed on as ``key=``; None calls it without one.
     """
     rest = self._rest if batch_stats is None else batch_stats
-    net = nnx.merge(self._graphdef, self._state(weights), rest, copy=True)
+    net = merge_levels(self._graphdef, self._levels(self._state(weights)),
+                       rest)
     if key is None:
       return net(x, train=train)
     return net(x, train=train, key=key)
@@ -107,10 +115,10 @@ class Network:
     return self._eval_logits(weights, batch_stats, x)
 
   def _batch_statistics(self, weights: Weights, x: jax.Array) -> nnx.State:
-    net = nnx.merge(self._probe_graphdef, self._state(weights), self._rest,
-                    copy=True)
+    net = merge_levels(self._probe_graphdef,
+                       self._levels(self._state(weights)), self._rest)
     net(x, train=True)
-    return nnx.state(net, nnx.Not(nnx.Param))
+    return updated_rest(net, self._rest)
 
   def recalibrate(self, weights: Weights, images: jax.Array,
                   batch_size: int) -> nnx.State:

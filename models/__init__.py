@@ -4,6 +4,12 @@ from models.biformer import BiLevelRoutingAttention as BiLevelRoutingAttention
 from models.biformer import (
     load_official_bra_weights as load_official_bra_weights,
 )
+from models.levels import ArchParam as ArchParam
+from models.levels import GraphParam as GraphParam
+from models.levels import Levels as Levels
+from models.levels import merge_levels as merge_levels
+from models.levels import split_levels as split_levels
+from models.levels import updated_rest as updated_rest
 from models.macs import count_macs as count_macs
 from models.masking import MASK_MODES as MASK_MODES
 from models.masking import MaskedConv as MaskedConv
@@ -11,10 +17,8 @@ from models.masking import MaskedLinear as MaskedLinear
 from models.masking import MaskFn as MaskFn
 from models.masking import MaskScore as MaskScore
 from models.masking import identity_mask as identity_mask
-from models.masking import merge_levels as merge_levels
 from models.masking import score_shape as score_shape
 from models.masking import sparsity as sparsity
-from models.masking import split_levels as split_levels
 from models.mlp import MLP as MLP
 from models.moe_lm import MoeLM as MoeLM
 from models.moe_lm import MoeLMConfig as MoeLMConfig

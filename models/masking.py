@@ -3,7 +3,7 @@
 A masked layer computes with the pruned kernel ``z = kernel * mask_fn(scores)``
 (BiP's ``z = m ⊙ θ``). The kernel is an ``nnx.Param`` (lower level) and the
 scores a ``MaskScore`` (upper level), so
-``nnx.split(model, MaskScore, nnx.Param, ...)`` separates the two levels.
+``models.split_levels(model, MaskScore)`` separates the two levels.
 
 Mask modes and score shapes, for a conv kernel ``[kh, kw, in, out]`` and a
 dense kernel ``[in, out]``:
@@ -17,8 +17,8 @@ Scores start at ones (the dense network). The default ``mask_fn`` is the
 identity, so the scores are the relaxed mask ``m ∈ [0, 1]`` of the BiP paper,
 kept feasible by the solver's projection. A per-layer straight-through top-k
 can be injected as ``mask_fn``; a global top-k across layers (as in BiP's
-unstructured code) belongs outside the model, applied to the ``mask_scores``
-pytree before ``merge_levels``.
+unstructured code) belongs outside the model, applied to the upper pytree of
+``models.split_levels`` before ``models.merge_levels``.
 
 References:
   Zhang et al., "Advancing Model Pruning via Bi-level Optimization",
@@ -43,8 +43,8 @@ _DENSE_INIT = nnx.initializers.lecun_normal()
 class MaskScore(nnx.Param):
   """Upper-level pruning scores; a subclass of ``nnx.Param``.
 
-  List it before ``nnx.Param`` in ``nnx.split`` filters: a ``MaskScore`` is
-  also an ``nnx.Param`` and goes to the first filter that matches.
+  ``models.split_levels(model, MaskScore)`` puts it in the upper level and
+  the other ``nnx.Param`` leaves in the lower one.
   """
 
 
@@ -204,45 +204,13 @@ class MaskedLinear(_Masked):
     return self._add_bias(x.astype(self.dtype) @ self.masked_kernel())
 
 
-def split_levels(
-    model: nnx.Module,
-) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State]:
-  """Splits a model into its bi-level pytrees.
-
-  Args:
-    model: any NNX module, masked or not.
-
-  Returns:
-    ``(graphdef, mask_scores, weights, rest)``: the ``MaskScore`` leaves
-    (upper level), the other ``nnx.Param`` leaves (lower level: kernels,
-    biases, BatchNorm scale and bias) and everything else (BatchNorm running
-    statistics, RNG state).
-  """
-  return nnx.split(model, MaskScore, nnx.Param, ...)
-
-
-def merge_levels(
-    graphdef: nnx.GraphDef,
-    mask_scores: nnx.State,
-    weights: nnx.State,
-    rest: nnx.State,
-) -> nnx.Module:
-  """Inverse of ``split_levels``: rebuilds the module, e.g. in a pure loss.
-
-  The module gets fresh copies of the variables: a training forward inside
-  ``jax.grad`` mutates BatchNorm statistics, which NNX forbids on variables
-  created outside that trace (``TraceContextError``). Read the updated
-  statistics back with ``nnx.state(module, nnx.BatchStat)``.
-  """
-  return nnx.merge(graphdef, mask_scores, weights, rest, copy=True)
-
-
 def sparsity(masks: Any) -> float:
   """Fraction of exactly-zero entries over all leaves of ``masks``.
 
   Args:
-    masks: a pytree of arrays, e.g. ``mask_scores`` from ``split_levels`` (or
-      ``mask_fn`` applied to it when ``mask_fn`` is not the identity).
+    masks: a pytree of arrays, e.g. the upper level of
+      ``models.split_levels(model, MaskScore)`` (or ``mask_fn`` applied to it
+      when ``mask_fn`` is not the identity).
 
   Returns:
     ``#zeros / #entries`` as a Python float.

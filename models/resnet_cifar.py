@@ -5,8 +5,8 @@ included, is a ``MaskedConv`` / ``MaskedLinear``, as in BiP's official code,
 which masks all conv and linear layers. BatchNorm runs on batch statistics
 when the model is called with ``train=True`` (updating its ``nnx.BatchStat``
 running averages in place) and on the running averages with ``train=False``.
-Inside a pure function built with ``merge_levels``, return the ``rest``
-pytree of ``split_levels`` after a training forward to keep those updates.
+Inside a pure function built with ``models.merge_levels``, return
+``models.updated_rest`` after a training forward to keep those updates.
 
 References:
   He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition",

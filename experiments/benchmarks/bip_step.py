@@ -39,7 +39,7 @@ from jax import lax
 
 import bilevel
 from experiments.benchmarks import timing
-from models.masking import MaskScore
+from models import MaskScore, merge_levels, split_levels
 from models.resnet_cifar import ResNetCIFAR
 
 GAMMA = 1.0  # the cost does not depend on γ
@@ -50,15 +50,16 @@ def _problem(depth, key):
   """``(loss(mask, θ, batch), mask, θ)`` with mask and θ lists of arrays."""
   model = ResNetCIFAR(depth, mask_mode="unstructured", rngs=nnx.Rngs(key))
   kernels = nnx.All(nnx.Param, nnx.PathContains("kernel"))
-  graphdef, scores, weights, rest = nnx.split(model, MaskScore, kernels, ...)
+  graphdef, (scores, weights), rest = split_levels(model, MaskScore, kernels)
   # Both states sort by layer path, so the leaf lists pair mask with kernel.
   mask, score_def = jax.tree.flatten(scores)
   theta, weight_def = jax.tree.flatten(weights)
   assert [m.shape for m in mask] == [t.shape for t in theta]
 
   def loss(mask, theta, batch):
-    net = nnx.merge(graphdef, jax.tree.unflatten(score_def, mask),
-                    jax.tree.unflatten(weight_def, theta), rest, copy=True)
+    net = merge_levels(graphdef, bilevel.Params(
+        jax.tree.unflatten(score_def, mask),
+        jax.tree.unflatten(weight_def, theta)), rest)
     logits = net(batch["x"], train=True)
     return optax.softmax_cross_entropy_with_integer_labels(
         logits, batch["y"]).mean()

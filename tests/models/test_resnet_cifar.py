@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from bilevel import Params
 from models import (
     VALID_DEPTHS,
     MaskedConv,
@@ -18,6 +19,7 @@ from models import (
     merge_levels,
     sparsity,
     split_levels,
+    updated_rest,
 )
 
 _X = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
@@ -72,7 +74,7 @@ def test_param_counts_match_the_paper(depth, expected, millions):
   assert round(weights_count / 1e6, 2) == millions
   masked = nnx.eval_shape(
       lambda: ResNetCIFAR(depth, mask_mode="unstructured", rngs=nnx.Rngs(0)))
-  _, scores, weights, rest = split_levels(masked)
+  _, (scores, weights), rest = split_levels(masked, MaskScore)
   assert _size(weights) == weights_count
   assert _size(scores) == kernel_count
   assert {type(v) for v in _variables(rest)} == {nnx.BatchStat}
@@ -83,27 +85,29 @@ def test_param_counts_match_the_paper(depth, expected, millions):
 
 def test_split_levels_puts_scores_only_in_the_upper_pytree():
   model = ResNetCIFAR(20, mask_mode="filter", rngs=nnx.Rngs(0))
-  graphdef, scores, weights, rest = split_levels(model)
+  graphdef, (scores, weights), rest = split_levels(model, MaskScore)
   assert {type(v) for v in _variables(scores)} == {MaskScore}
   assert len(_variables(scores)) == 20
   assert MaskScore not in {type(v) for v in _variables(weights)}
   assert {type(v) for v in _variables(weights)} == {nnx.Param}
   assert MaskScore not in {type(v) for v in _variables(rest)}
-  rebuilt = merge_levels(graphdef, scores, weights, rest)
+  rebuilt = merge_levels(graphdef, Params(scores, weights), rest)
   np.testing.assert_array_equal(_forward(rebuilt), _forward(model))
-  _, none_scores, _, _ = split_levels(SmallCNN(rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match="upper=MaskScore matches no variable"):
+    split_levels(SmallCNN(rngs=nnx.Rngs(0)), MaskScore)
+  _, (none_scores, _), _ = split_levels(SmallCNN(rngs=nnx.Rngs(0)), ())
   assert not _variables(none_scores)
 
 
 def test_unstructured_mask_equals_zeroed_kernels():
   masked = ResNetCIFAR(20, mask_mode="unstructured", rngs=nnx.Rngs(0))
-  graphdef, scores, weights, rest = split_levels(masked)
+  graphdef, (scores, weights), rest = split_levels(masked, MaskScore)
   leaves, treedef = jax.tree.flatten(scores)
   keys = jax.random.split(jax.random.key(1), len(leaves))
   pattern = jax.tree.unflatten(treedef, [
       jax.random.bernoulli(k, 0.5, leaf.shape).astype(leaf.dtype)
       for k, leaf in zip(keys, leaves)])
-  masked = merge_levels(graphdef, pattern, weights, rest)
+  masked = merge_levels(graphdef, Params(pattern, weights), rest)
   reference = ResNetCIFAR(20, rngs=nnx.Rngs(0))
   nnx.update(reference, weights)
   dense_out = _forward(reference)
@@ -143,17 +147,17 @@ def test_channel_mask_and_injected_mask_fn():
 
 def test_jit_grad_wrt_scores_and_weights():
   model = ResNetCIFAR(20, mask_mode="unstructured", rngs=nnx.Rngs(0))
-  graphdef, scores, weights, rest = split_levels(model)
+  graphdef, (scores, weights), rest = split_levels(model, MaskScore)
   labels = jnp.array([3, 7])
 
   @jax.jit
   @functools.partial(jax.value_and_grad, argnums=(0, 1), has_aux=True)
   def loss_fn(scores, weights, rest):
-    model = merge_levels(graphdef, scores, weights, rest)
+    model = merge_levels(graphdef, Params(scores, weights), rest)
     logits = model(_X, train=True)
     loss = -jnp.mean(jnp.take_along_axis(
         jax.nn.log_softmax(logits), labels[:, None], axis=1))
-    return loss, nnx.state(model, nnx.BatchStat)
+    return loss, updated_rest(model, rest)
 
   (loss, new_rest), (g_scores, g_weights) = loss_fn(scores, weights, rest)
   assert np.isfinite(loss)
