@@ -213,13 +213,14 @@ def scale_by_implicit(
     value, (grad_x, grad_y) = jax.value_and_grad(
         outer_loss, argnums=(0, 1))(x, y_star, outer_batch)
     cotangent = (grad_y, jnp.zeros_like(sol[1])) if constraints else grad_y
-    g_value, vjp_sol = jax.vjp(lambda s: optimality(s, x, inner_batch), sol)
+    # One linearisation of G serves the adjoint's matvecs (Aᵀw, the
+    # x-cotangent is dead code there) and the final (∂_x G)ᵀu.
+    g_value, vjp_g = jax.vjp(lambda s, x: optimality(s, x, inner_batch),
+                             sol, x)
     u, residual = solve_with_residual(
-        linear_solve, lambda w: vjp_sol(w)[0],
-        otu.tree_scale(-1.0, cotangent))
-    _, vjp_x = jax.vjp(lambda x: optimality(sol, x, inner_batch), x)
+        linear_solve, lambda w: vjp_g(w)[0], otu.tree_scale(-1.0, cotangent))
     directions = Params(
-        upper=cast_like(otu.tree_add(grad_x, vjp_x(u)[0]), params.upper),
+        upper=cast_like(otu.tree_add(grad_x, vjp_g(u)[1]), params.upper),
         lower=cast_like(otu.tree_sub(y0, y_star), params.lower))
     state = ImplicitState(
         count=optax.safe_int32_increment(state.count),

@@ -207,3 +207,35 @@ def test_missing_params_raises():
       tx.update(None, tx.init(ref.init), None,
                 outer_loss=ref.problem.outer_loss,
                 inner_loss=ref.problem.inner_loss)
+
+
+_DERIVATIVE_SOLVERS = {
+    "implicit": lambda lr, steps: bilevel.scale_by_implicit(
+        optax.sgd(lr), steps, linear_solve=_EXACT_CG),
+    "unrolled": lambda lr, steps: bilevel.scale_by_unrolled(
+        optax.sgd(lr), steps),
+}
+
+
+@pytest.mark.parametrize("solver", sorted(_DERIVATIVE_SOLVERS))
+@pytest.mark.parametrize("name", ["r2", "r3"])
+def test_derivative_of_the_hypergradient_matches_closed_form(solver, name):
+  """``∂∇Φ/∂x`` through the solver equals the closed form's derivative."""
+  with jax.enable_x64(True):
+    case = CASES[name]
+    ref = case.make()
+    tx = _DERIVATIVE_SOLVERS[solver](case.lr, 4 * case.steps)
+    state = tx.init(ref.init)
+
+    def hypergradient(x):
+      updates, _ = tx.update(
+          None, state, bilevel.Params(x, ref.init.lower),
+          outer_loss=ref.problem.outer_loss,
+          inner_loss=ref.problem.inner_loss, **ref.batches)
+      return updates.upper
+
+    x = ref.init.upper
+    got = jax.jit(jax.jacrev(hypergradient))(x)
+    want = jax.jacfwd(ref.hypergradient)(x)
+    assert float(jnp.max(jnp.abs(want))) > 1e-3
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
