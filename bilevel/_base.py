@@ -218,6 +218,11 @@ def check_outer_grads_unused(outer_grads: Any, method: str,
                   + " Call its update with outer_grads=None.")
 
 
+# What a solver reads; per-level optimizers never see these.
+PROBLEM_ARGS = frozenset(
+    {"outer_loss", "inner_loss", "constraints", "outer_batch", "inner_batch"})
+
+
 class PerLevelState(NamedTuple):
   """State of :func:`per_level`: one optimizer state per level."""
   upper: optax.OptState
@@ -229,11 +234,13 @@ def level_extra_args(extra_args: Mapping[str, Any], level: str,
                 ) -> dict[str, Any]:
   """The extra arguments one level's transformation receives.
 
-  A :class:`Params`-valued argument is split by level; ``grad`` defaults to
+  The problem's own arguments (:data:`PROBLEM_ARGS`) stay with the solver
+  (line searches pass every other argument to ``value_fn``). A
+  :class:`Params`-valued argument is split by level; ``grad`` defaults to
   ``level_updates``; a ``value_fn`` sets ``value = value_fn(level_params)``.
   """
   args = {k: getattr(v, level) if isinstance(v, Params) else v
-          for k, v in extra_args.items()}
+          for k, v in extra_args.items() if k not in PROBLEM_ARGS}
   args.setdefault("grad", level_updates)
   if callable(args.get("value_fn")) and level_params is not None:
     # value and value_fn must agree (line searches compare them).
@@ -247,7 +254,8 @@ def per_level(
 ) -> optax.GradientTransformationExtraArgs:
   """Applies one optax transformation to each level of ``Params``.
 
-  Extra arguments are forwarded to both levels, so optimizers that need them
+  Extra arguments other than the problem's (losses, constraints, batches)
+  are forwarded to both levels, so optimizers that need them
   work inside (``optax.contrib.reduce_on_plateau`` reads ``value``,
   ``optax.lbfgs`` reads ``value``, ``grad`` and ``value_fn``); an extra
   argument given as a :class:`Params` is split, each level receiving its own

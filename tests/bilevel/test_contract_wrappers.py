@@ -237,3 +237,25 @@ def test_meta_gradient_through_steps_matches_finite_differences(case):
     fd = (final_outer_loss(lr + eps) - final_outer_loss(lr - eps)) / (2 * eps)
     assert abs(float(fd)) > 1e-6, "the check needs a non-zero derivative"
     np.testing.assert_allclose(got, fd, rtol=1e-5, atol=1e-9)
+
+
+def test_lbfgs_on_the_upper_level_with_a_value_fn():
+  """L-BFGS with its zoom line search inside per_level, on R2's Φ."""
+  ref = _problem("r2")
+  batches = ref.batches
+
+  def phi(x):
+    y = ref.lower_solution(x)
+    return ref.problem.outer_loss(x, y, batches["outer_batch"])
+
+  tx = bilevel.implicit(optax.lbfgs(), optax.sgd(0.5), inner_steps=60)
+  params, _, _ = _steps(tx, ref, 8, extra_args={
+      "value_fn": bilevel.Params(upper=phi, lower=None)})
+  x_star = ref.upper_optimum
+  error = jnp.linalg.norm(params.upper - x_star) / jnp.linalg.norm(x_star)
+  assert error < 1e-4, error
+  # Plain gradient descent at the contract's step is far slower.
+  slow, _, _ = _steps(bilevel.implicit(optax.sgd(0.3), optax.sgd(0.5), 60),
+                      ref, 8)
+  assert jnp.linalg.norm(slow.upper - x_star) > 10 * error * jnp.linalg.norm(
+      x_star)
