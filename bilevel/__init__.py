@@ -101,6 +101,7 @@ from bilevel._wrappers import (
     accumulate,
     apply_if_finite,
     inject_hyperparams,
+    mean_over_chunks,
 )
 
 __all__ = (
@@ -132,6 +133,7 @@ __all__ = (
     "linear_solve_residual",
     "lv_hba",
     "make_step",
+    "mean_over_chunks",
     "per_level",
     "project_params",
     "projection_box",

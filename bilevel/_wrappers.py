@@ -231,3 +231,43 @@ def apply_if_finite(
     return updates, ApplyIfFiniteState(count, finite, total, inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def mean_over_chunks(
+    loss: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+  """``loss`` averaged over the chunks of a batch, one chunk in memory.
+
+  The returned ``loss'(upper, lower, batch)`` takes a batch whose every leaf
+  has a leading chunk axis ``[k, ...]`` and returns
+  ``(1/k) Σ_j loss(upper, lower, batch[j])`` through a ``lax.scan`` whose
+  body is rematerialised, so its gradient is accumulated chunk by chunk with
+  one chunk's activations alive. With equal chunks this is the loss of the
+  whole batch. This is gradient accumulation *inside* one solver step: the
+  solver's expensive part (inner solve, adjoint solve) runs once per step
+  while ``∇F`` is accumulated over the ``k`` chunks, for every solver.
+
+  Args:
+    loss: ``loss(upper, lower, batch) -> scalar`` on one chunk.
+
+  Returns:
+    The chunk-averaged loss, with the same signature.
+
+  Raises:
+    ValueError: from the returned loss, if the leaves' chunk axes differ.
+  """
+  def chunked(upper, lower, batch):
+    sizes = {jnp.shape(leaf)[0] for leaf in jax.tree.leaves(batch)}
+    if len(sizes) != 1:
+      raise ValueError("mean_over_chunks: every batch leaf needs the same "
+                       f"leading chunk axis, got sizes {sorted(sizes)}")
+
+    @jax.checkpoint
+    def body(total, chunk):
+      return total + loss(upper, lower, chunk), None
+
+    first = jax.eval_shape(loss, upper, lower,
+                           jax.tree.map(lambda b: b[0], batch))
+    total, _ = jax.lax.scan(body, jnp.zeros(first.shape, first.dtype), batch)
+    return total / sizes.pop()
+
+  return chunked

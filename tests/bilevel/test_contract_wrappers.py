@@ -259,3 +259,39 @@ def test_lbfgs_on_the_upper_level_with_a_value_fn():
                       ref, 8)
   assert jnp.linalg.norm(slow.upper - x_star) > 10 * error * jnp.linalg.norm(
       x_star)
+
+
+def _weighted_regression():
+  """Per-example weights σ(u) on a ridge regression; validation MSE."""
+  kx, ky, kv, kw = jax.random.split(jax.random.key(3), 4)
+  x, xv = jax.random.normal(kx, (12, 3)), jax.random.normal(kv, (8, 3))
+  w = jax.random.normal(kw, (3,))
+  inner_batch = {"x": x, "y": x @ w + jax.random.normal(ky, (12,))}
+  outer_batch = {"x": xv, "y": xv @ w}
+  inner = lambda u, v, b: jnp.mean(
+      jax.nn.sigmoid(u) * (b["x"] @ v - b["y"]) ** 2) + 0.1 * v @ v
+  outer = lambda u, v, b: jnp.mean((b["x"] @ v - b["y"]) ** 2)
+  params = bilevel.Params(jnp.zeros(12), jnp.zeros(3))
+  return bilevel.Problem(outer, inner), params, outer_batch, inner_batch
+
+
+@pytest.mark.parametrize("factory", [bilevel.scale_by_implicit,
+                                     bilevel.scale_by_unrolled])
+def test_mean_over_chunks_gives_the_whole_batch_direction(factory):
+  problem, params, outer_batch, inner_batch = _weighted_regression()
+  tx = factory(optax.sgd(0.5), 30)
+  chunks = jax.tree.map(lambda a: a.reshape(4, 2, *a.shape[1:]), outer_batch)
+  whole, _ = tx.update(None, tx.init(params), params,
+                       outer_loss=problem.outer_loss,
+                       inner_loss=problem.inner_loss,
+                       outer_batch=outer_batch, inner_batch=inner_batch)
+  chunked, _ = tx.update(None, tx.init(params), params,
+                         outer_loss=bilevel.mean_over_chunks(
+                             problem.outer_loss),
+                         inner_loss=problem.inner_loss,
+                         outer_batch=chunks, inner_batch=inner_batch)
+  assert float(jnp.linalg.norm(whole.upper)) > 1e-4
+  _close(rtol=1e-5, atol=1e-7)(chunked, whole)
+  with pytest.raises(ValueError, match="chunk axis"):
+    bilevel.mean_over_chunks(problem.outer_loss)(
+        params.upper, params.lower, {"x": chunks["x"], "y": outer_batch["y"]})
