@@ -239,3 +239,50 @@ def test_derivative_of_the_hypergradient_matches_closed_form(solver, name):
     want = jax.jacfwd(ref.hypergradient)(x)
     assert float(jnp.max(jnp.abs(want))) > 1e-3
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+
+
+def _singular_problem():
+  """R2's lower level plus lower variables ``w`` the inner loss ignores.
+
+  The inner Hessian in ``(z, w)`` is ``diag(A, 0)``: singular, and ``∇_w F``
+  has a component in its null space. ``w`` never moves and does not change
+  ``Φ``, so the pseudo-inverse hypergradient is R2's.
+  """
+  ref = reference_problems.r2(jax.random.key(0), dim_upper=6, dim_lower=6)
+  coupling = jax.random.normal(jax.random.key(1), (6, 3)) / 3
+
+  def outer(x, lower, b):
+    z, w = lower
+    return (ref.problem.outer_loss(x, z, b) + 0.5 * jnp.sum((w - 1) ** 2)
+            + z @ coupling @ w)
+
+  def inner(x, lower, b):
+    return ref.problem.inner_loss(x, lower[0], b)
+
+  def hypergradient(x, w):
+    z = ref.lower_solution(x)
+    grad_z = jax.grad(outer, argnums=1)(x, (z, w), ref.batches["outer_batch"])
+    a = ref.batches["inner_batch"]
+    return (jax.grad(outer)(x, (z, w), ref.batches["outer_batch"])
+            - a["C"] @ jnp.linalg.solve(a["A"], grad_z[0]))
+
+  init = bilevel.Params(ref.init.upper, (ref.init.lower, jnp.zeros(3)))
+  return bilevel.Problem(outer, inner), init, ref.batches, hypergradient
+
+
+def test_implicit_default_is_finite_on_a_singular_lower_level():
+  problem, params, batches, hypergradient = _singular_problem()
+  tx = bilevel.implicit(optax.sgd(0.3), optax.sgd(0.5), inner_steps=40)
+  first, _ = bilevel.scale_by_implicit(optax.sgd(0.5), 40).update(
+      None, tx.init(params)[0], params, outer_loss=problem.outer_loss,
+      inner_loss=problem.inner_loss, **batches)
+  np.testing.assert_allclose(
+      first.upper, hypergradient(params.upper, params.lower[1]), rtol=1e-3,
+      atol=1e-4)
+  step = bilevel.make_step(tx, problem)
+  state = tx.init(params)
+  for _ in range(300):
+    params, state, metrics = step(params, state, batches)
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(params))
+  final = hypergradient(params.upper, params.lower[1])
+  assert float(jnp.linalg.norm(final)) < 1e-3, final
