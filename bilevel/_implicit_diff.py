@@ -118,7 +118,8 @@ def root_jvp(
   # custom_linear_solve transposes only if every leaf of b is linear in the
   # tangents; a block of G that ignores args (e.g. KKT feasibility) has a
   # constant zero there, so tie each leaf to them by 0·Σ dθ.
-  link = sum((0 * jnp.sum(t) for t in jax.tree.leaves(tangents)
+  leaves = [jnp.asarray(t) for t in jax.tree.leaves(tangents)]
+  link = sum((0 * jnp.sum(t) for t in leaves
               if jnp.issubdtype(t.dtype, jnp.inexact)), jnp.zeros([]))
   rhs = jax.tree.map(lambda r: -r + link.astype(r.dtype), rhs)
   t = _implicit_linear_solve(solve, matvec, rhs)
