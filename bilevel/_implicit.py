@@ -40,18 +40,21 @@ from bilevel._inner import inner_solve
 from bilevel._linear_solve import (
   linear_solve_residual,
   solve_cg,
-  solve_normal_cg,
+  solve_hessian,
+  solve_minres,
 )
 from bilevel._wrappers import check_static_int, declare_static
 
 PyTree = Any
 Solve = Callable[[Callable[[PyTree], PyTree], PyTree], PyTree]
 
-# Curvature-safe CG (stops on pᵀHp ≤ 0): on non-convex lower levels undamped
-# CG returns hypergradients anti-correlated with the unrolled ones
-# (reference/bilevel_methods.md, last section).
-DEFAULT_LINEAR_SOLVE = functools.partial(solve_cg, tol=1e-6, maxiter=100)
-DEFAULT_KKT_SOLVE = functools.partial(solve_normal_cg, tol=1e-8, maxiter=200)
+# MINRES: exact on convex lower levels, finite on singular and indefinite
+# Hessians (where CG divides by a rounding-sized pᵀHp), and it tracks its
+# residual for free. On non-convex lower levels add ``ridge`` above the most
+# negative curvature (``solve_hessian``'s docstring has the measurement).
+DEFAULT_LINEAR_SOLVE = solve_hessian
+# The KKT matrix is symmetric and indefinite.
+DEFAULT_KKT_SOLVE = functools.partial(solve_minres, tol=1e-8, maxiter=200)
 
 
 @evaluates_outer_loss_itself
@@ -149,10 +152,11 @@ def scale_by_implicit(
       ``inner_steps`` steps from ``params.lower`` with a fresh state.
     inner_steps: number of inner steps (a Python int).
     linear_solve: ``solve(matvec, b)`` for the adjoint system; default
-      :data:`DEFAULT_LINEAR_SOLVE`, or normal CG when
-      ``equality_constrained``. A solver accepting ``return_residual=True``
-      reports the residual for free; any other costs one more ``matvec``
-      for the ``linear_solve_residual`` diagnostic.
+      :data:`DEFAULT_LINEAR_SOLVE` (:func:`bilevel.solve_hessian`, MINRES),
+      or MINRES with ``tol=1e-8`` when ``equality_constrained``. A solver
+      accepting ``return_residual=True`` reports the residual for free; any
+      other costs one more ``matvec`` for the ``linear_solve_residual``
+      diagnostic.
     inner_solver: optional exact solver ``(upper, lower_init, inner_batch) ->
       y*`` replacing the optax loop (required with constraints).
     equality_constrained: treat ``constraints(upper, lower, inner_batch) =

@@ -190,6 +190,7 @@ def _minres(matvec: MatVec, b: PyTree, *, tol: float, maxiter: int | None,
   if singular_tol is None:
     singular_tol = float(eps) ** 0.5
   beta1 = jnp.sqrt(_vdot(b, b, dtype))
+  ar_tol = max(tol, float(eps) ** 0.5)
   zeros = otu.tree_zeros_like(b)
 
   def cond(carry):
@@ -225,8 +226,10 @@ def _minres(matvec: MatVec, b: PyTree, *, tol: float, maxiter: int | None,
     phibar = jnp.where(singular, phibar, sn_new * phibar)
     # ‖A r‖ = φ̄·‖(γ̄, δ̄)‖: zero at a least-squares solution of an
     # inconsistent system, where φ̄ = ‖r‖ never reaches tol.
+    # The test floors at √eps: below it ‖A r‖/(‖A‖‖r‖) is rounding, and
+    # iterating on in finite precision corrupts the range part.
     ar_small = (phibar * jnp.hypot(gbar, dbar)
-                <= tol * jnp.sqrt(anorm2) * phibar)
+                <= ar_tol * jnp.sqrt(anorm2) * phibar)
     breakdown = beta_next <= eps * jnp.sqrt(anorm2)
     v_next = jax.tree.map(
         lambda yi: yi / jnp.where(breakdown, 1, beta_next).astype(yi.dtype), y)
