@@ -16,7 +16,6 @@ References:
 """
 
 import functools
-import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -35,10 +34,13 @@ from bilevel._base import (
   require_extra_args,
   upcast,
 )
-from bilevel._implicit_diff import custom_root, kkt_optimality_fn
+from bilevel._implicit_diff import (
+  custom_root,
+  kkt_optimality_fn,
+  solve_with_residual,
+)
 from bilevel._inner import inner_solve
 from bilevel._linear_solve import (
-  linear_solve_residual,
   solve_cg,
   solve_hessian,
   solve_minres,
@@ -74,22 +76,6 @@ class ImplicitState(NamedTuple):
   inner_grad_norm: jax.Array
   linear_solve_residual: jax.Array
   outer_loss: jax.Array
-
-
-def solve_with_residual(solve: Solve, matvec, b) -> tuple[PyTree, jax.Array]:
-  """``(x, ‖A x − b‖/‖b‖)``, the residual from the solver when it tracks one.
-
-  Solvers that accept ``return_residual=True`` report the residual of their
-  own recursion at no cost; for any other ``solve`` it costs one ``matvec``.
-  """
-  try:
-    tracks = "return_residual" in inspect.signature(solve).parameters
-  except (TypeError, ValueError):
-    tracks = False
-  if tracks:
-    return solve(matvec, b, return_residual=True)
-  x = solve(matvec, b)
-  return x, linear_solve_residual(matvec, x, b)
 
 
 def _multipliers(constraints, upper, lower, batch, grad_y):

@@ -40,11 +40,17 @@ def _tracks_residual(solve: Solve) -> bool:
     return False
 
 
-def _solve_with_residual(solve: Solve, matvec, b) -> tuple[PyTree, jax.Array]:
-  """``(x, ‖A x − b‖/‖b‖)``, the solver's own residual where it has one."""
+def solve_with_residual(solve: Solve, matvec, b) -> tuple[PyTree, jax.Array]:
+  """``(x, ‖A x − b‖/‖b‖)``, the solver's own residual where it has one.
+
+  Our solvers track the residual for free and are differentiable; any other
+  ``solve`` goes through :func:`_implicit_linear_solve` (so ``x`` can be
+  differentiated even when ``solve`` is a ``while_loop``) and its residual
+  costs one more ``matvec``.
+  """
   if _tracks_residual(solve):
     return solve(matvec, b, return_residual=True)
-  x = solve(matvec, b)
+  x = _implicit_linear_solve(solve, matvec, b)
   return x, jax.lax.stop_gradient(linear_solve_residual(matvec, x, b))
 
 
@@ -84,7 +90,7 @@ def root_vjp(
   """
   optimality, vjp_sol = jax.vjp(lambda s: optimality_fn(s, *args), sol)
   matvec = lambda u: vjp_sol(u)[0]
-  u, residual = _solve_with_residual(solve, matvec,
+  u, residual = solve_with_residual(solve, matvec,
                                      otu.tree_scale(-1.0, cotangent))
   _, vjp_args = jax.vjp(lambda *a: optimality_fn(sol, *a), *args)
   return vjp_args(u), optimality, residual
