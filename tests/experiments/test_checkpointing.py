@@ -205,7 +205,9 @@ def _garble_array_data(step_dir):
   The array chunks carry no checksum of their own (orbax's b-tree index
   does), so the step still reads, with wrong values.
   """
-  data_file = max((p for p in step_dir.glob("default/ocdbt.process_*/d/*")),
+  # Array chunks, not OCDBT index nodes (magic 0cdb20de, checksummed).
+  data_file = max((p for p in step_dir.glob("default/ocdbt.process_*/d/*")
+                   if p.read_bytes()[:4] != b"\x0c\xdb\x20\xde"),
                   key=lambda p: p.stat().st_size)
   data = bytearray(data_file.read_bytes())
   data[len(data) // 2] ^= 0xFF
