@@ -12,6 +12,7 @@ that another run holds or that holds a run of another config (see
 ``experiments.workdir``), and stops at a non-finite loss without saving it.
 """
 
+import contextlib
 import math
 import pathlib
 import time
@@ -188,8 +189,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   config_checks.validate(config)
   workdir = pathlib.Path(workdir)
   _prepare_workdir(workdir)
-  with workdir_lib.lock(workdir):
-    changed = workdir_lib.check_config(workdir, config, allow_config_change)
+  # One lock and one saved config per run, not per process.
+  owner = jax.process_index() == 0
+  with workdir_lib.lock(workdir) if owner else contextlib.nullcontext():
+    changed = owner and workdir_lib.check_config(workdir, config,
+                                                 allow_config_change)
     results = _train_and_evaluate(config, workdir)
     if changed:
       workdir_lib.save_config(workdir, config)

@@ -178,6 +178,16 @@ def test_eval_on_a_read_only_workdir_prints_the_results(
   assert results["test_accuracy"] == trained[1]["test_accuracy"]
 
 
+def test_shape_mismatch_is_one_line(run_copy):
+  with pytest.raises(SystemExit) as exit_info:
+    with cli.one_line_errors():
+      train.evaluate(_config(**{"data.num_train": 150}), run_copy)
+  assert str(exit_info.value.code).startswith(
+      "error: checkpoint step 10 in ")
+  assert "params.upper has shape (200,) there and (150,) in the config" in (
+      str(exit_info.value.code))
+
+
 def test_eval_of_a_missing_workdir_does_not_create_it(tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoints in"):
     train.evaluate(_config(), tmp_path / "missing")
