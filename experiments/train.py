@@ -7,12 +7,16 @@ runs the jitted bilevel step, logs metrics, checkpoints, and evaluates.
 
 A run resumed from a checkpoint continues exactly as the uninterrupted run:
 the checkpoint holds params, solver state, step, RNG key and data position,
-and the data stream is a pure function of the step.
+and the data stream is a pure function of the step. A run refuses a workdir
+that another run holds or that holds a run of another config (see
+``experiments.workdir``), and stops at a non-finite loss without saving it.
 """
 
-import json
+import contextlib
+import math
 import pathlib
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -22,9 +26,14 @@ import numpy as np
 from absl import logging
 
 import bilevel
-from experiments import checkpointing, registry
+from experiments import checkpointing, config_checks, registry
 from experiments import metrics as metrics_lib
+from experiments import workdir as workdir_lib
 from experiments.task import Pipeline, Stage
+
+
+class NonFiniteError(FloatingPointError):
+  """A loss or a parameter became NaN or infinite during training."""
 
 
 def _root_keys(seed: int) -> dict[str, jax.Array]:
@@ -95,6 +104,10 @@ def _train_loop(config, solver, problem, batches, num_steps, directory,
   params, solver_state = state["params"], state["solver_state"]
   key = jax.random.wrap_key_data(state["key"])
   start = int(state["step"])
+  if start > num_steps:
+    ckpt.close()
+    raise ValueError(f"{ckpt.directory} holds step {start}, past this run's"
+                     f" {num_steps} steps")
   if start == num_steps:
     ckpt.close()
     return params
@@ -105,32 +118,89 @@ def _train_loop(config, solver, problem, batches, num_steps, directory,
       params, solver_state, step_metrics = step_fn(
           params, solver_state, batches(step))
       done = step + 1
-      if done % config.train.log_every == 0 or done == num_steps:
+      log = done % config.train.log_every == 0 or done == num_steps
+      save = done % config.train.checkpoint_every == 0 or done == num_steps
+      if log:
         scalars = {**step_metrics, **_diagnostics(solver_state)}
         writer.write(done, scalars)
         writer.progress(done, scalars)
-      if done % config.train.checkpoint_every == 0 or done == num_steps:
+      if log or save:
+        _stop_if_not_finite(step_metrics, params if save else None, done,
+                            ckpt)
+      if save:
         ckpt.save(done, _train_state(params, solver_state, done, key))
   ckpt.wait()
   ckpt.close()
   return params
 
 
+def _stop_if_not_finite(step_metrics, params, step: int, ckpt) -> None:
+  """Raises NonFiniteError on a non-finite loss or (if given) parameter."""
+  bad = [name for name, value in metrics_lib.to_floats(
+      {k: v for k, v in step_metrics.items() if "loss" in k}).items()
+         if not math.isfinite(value)]
+  if params is not None and not all(
+      bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params)
+      if jnp.issubdtype(x.dtype, jnp.inexact)):
+    bad.append("parameters")
+  if bad:
+    ckpt.close()
+    raise NonFiniteError(
+        f"non-finite {', '.join(bad)} at step {step}: training stopped; the"
+        f" last finite checkpoint is step {ckpt.latest_step()} in"
+        f" {ckpt.directory} (try a smaller learning rate in a new workdir)")
+
+
+def _prepare_workdir(workdir: pathlib.Path) -> None:
+  if workdir.exists() and not workdir.is_dir():
+    raise NotADirectoryError(f"--workdir {workdir} exists and is not a"
+                             " directory")
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise OSError(e.errno, f"cannot create --workdir {workdir}:"
+                  f" {e.strerror}") from e
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str | pathlib.Path) -> dict[str, Any]:
+                       workdir: str | pathlib.Path, *,
+                       allow_config_change: Sequence[str] = ()
+                       ) -> dict[str, Any]:
   """Trains the configured bilevel task (or pipeline), then evaluates it.
 
   Args:
     config: the experiment config (see ``experiments/configs``).
-    workdir: checkpoints, metrics (TensorBoard, ``metrics.jsonl``) and
-      ``results.json`` go here; a run with an existing checkpoint resumes.
-      A pipeline puts each stage in a subdirectory named after it.
+    workdir: checkpoints, metrics (TensorBoard, ``metrics.jsonl``),
+      ``config.json`` and ``results.json`` go here; a run with an existing
+      checkpoint resumes. A pipeline puts each stage in a subdirectory named
+      after it.
+    allow_config_change: dotted config keys that may differ from the config
+      saved in ``workdir`` (only ``workdir.SAFE_TO_CHANGE`` ones).
 
   Returns:
     The final evaluation metrics.
+
+  Raises:
+    ValueError: an invalid config value, or a config that differs from the
+      workdir's (``workdir.ConfigChangedError``).
+    workdir.WorkdirLockedError: another run is training in ``workdir``.
+    NonFiniteError: a loss or parameter became NaN or infinite.
   """
+  config_checks.validate(config)
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  _prepare_workdir(workdir)
+  # One lock and one saved config per run, not per process.
+  owner = jax.process_index() == 0
+  with workdir_lib.lock(workdir) if owner else contextlib.nullcontext():
+    changed = owner and workdir_lib.check_config(workdir, config,
+                                                 allow_config_change)
+    results = _train_and_evaluate(config, workdir)
+    if changed:
+      workdir_lib.save_config(workdir, config)
+    return results
+
+
+def _train_and_evaluate(config, workdir: pathlib.Path) -> dict[str, Any]:
   keys = _root_keys(config.seed)
   task = registry.build_task(config, keys["task"])
   if isinstance(task, Pipeline):
@@ -178,8 +248,7 @@ def _run_pipeline(config, pipeline: Pipeline, workdir: pathlib.Path,
   last = pipeline.stages[-1]
   results = {**stage_results[last.name],
              **{f"steps/{k}": v for k, v in steps_by_kind.items()}}
-  (workdir / "stages.json").write_text(
-      json.dumps(stage_results, indent=2) + "\n")
+  workdir_lib.write_json(workdir / "stages.json", stage_results)
   with metrics_lib.MetricWriter(workdir, total_steps=0) as writer:
     return _evaluate_and_report(lambda _: results, None, writer,
                                 last.num_steps, workdir / "results.json",
@@ -197,26 +266,38 @@ def _evaluate_and_report(evaluate_fn, params, writer, step, results_path,
                          prefix):
   results = {k: float(v) for k, v in evaluate_fn(params).items()}
   writer.write(step, results, prefix=prefix)
-  results_path.write_text(json.dumps(results, indent=2) + "\n")
+  workdir_lib.write_json(results_path, results)
   _print_results(prefix, results)
   return results
 
 
 def evaluate(config: ml_collections.ConfigDict,
              workdir: str | pathlib.Path) -> dict[str, Any]:
-  """Restores the latest checkpoint in ``workdir`` and evaluates it.
+  """Restores the latest good checkpoint in ``workdir`` and evaluates it.
 
-  For a pipeline, the latest checkpoint of its last stage.
+  For a pipeline, the latest checkpoint of its last stage. Prints the step
+  it evaluated and records it in ``eval_results.json`` (as
+  ``checkpoint_step``) and ``metrics.jsonl``; a workdir it cannot write to
+  gets a warning, the results are printed all the same.
 
   Raises:
     FileNotFoundError: if ``workdir`` holds no readable checkpoint.
   """
+  config_checks.validate(config)
   workdir = pathlib.Path(workdir)
   evaluate_fn, step, state = _restore_for_eval(config, workdir)
-  with metrics_lib.MetricWriter(workdir, total_steps=step) as writer:
-    return _evaluate_and_report(
-        evaluate_fn, state["params"], writer, step,
-        workdir / "eval_results.json", "eval")
+  results = {k: float(v) for k, v in evaluate_fn(state["params"]).items()}
+  print(f"eval: checkpoint step {step} of {workdir}")
+  _print_results("eval", results)
+  try:
+    with metrics_lib.MetricWriter(workdir, total_steps=step) as writer:
+      writer.write(step, results, prefix="eval")
+    workdir_lib.write_json(workdir / "eval_results.json",
+                           {"checkpoint_step": step, **results})
+  except OSError as e:
+    logging.warning("Could not write the results to %s: %s", workdir, e)
+    print(f"eval: could not write the results to {workdir}: {e.strerror}")
+  return results
 
 
 def _restore_for_eval(config, workdir: pathlib.Path, step: int | None = None,
@@ -237,7 +318,12 @@ def _restore_for_eval(config, workdir: pathlib.Path, step: int | None = None,
     tx = registry.build_solver(config.solver)
   abstract = jax.eval_shape(lambda: _train_state(
       params_like, tx.init(params_like), 0, keys["train"]))
-  ckpt = _checkpointer(config, workdir)
+  if not (workdir / "checkpoints").is_dir():
+    raise FileNotFoundError(f"no checkpoints in {workdir}: train there"
+                            " first (--mode=train)")
+  ckpt = checkpointing.Checkpointer(
+      workdir / "checkpoints", max_to_keep=config.train.max_to_keep,
+      create=False)
   step, state = ckpt.restore(abstract, step=step)
   ckpt.close()
   return evaluate_fn, step, state

@@ -50,8 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.task = "biformer_classification"
   config.seed = 0
 
-  # Data: CIFAR-10 (JPEG); 0 keeps the whole split, else a random subset.
-  config.data = _section(name="cifar10", data_dir="../shared/data/cifar10",
+  # Data: CIFAR-10 as `python -m experiments.data_prepare cifar10` writes it
+  # (or the JPEG npz); 0 keeps the whole split, else a random subset.
+  config.data = _section(name="cifar10", data_dir="data/cifar10",
                          max_train=0, max_test=0, image_size=32,
                          batch_size=128)
 

@@ -67,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      calibration_batch_size=256)
 
   if "smoke" in variants:
-    config.data.update(name="cifar10", data_dir="../shared/data/cifar10",
+    config.data.update(name="cifar10", data_dir="data/cifar10",
                        max_train=8, max_test=4, batch_size=2)
     config.train.update(num_steps=2, log_every=1, checkpoint_every=2)
     config.solver.optimizer.warmup_steps = 1

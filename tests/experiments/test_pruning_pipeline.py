@@ -1,6 +1,6 @@
 """The CIFAR pruning pipelines on their smoke schedule (SmallCNN, 256 images).
 
-Needs the CIFAR-10 JPEG data next to the repository (``../shared``).
+On the generated CIFAR-10 stand-in (``cifar10_dir`` in ``tests/conftest.py``).
 """
 
 import json
@@ -20,16 +20,11 @@ from experiments.configs import (
   omp_cifar10,
 )
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-DATA = ROOT.parent / "shared" / "data" / "cifar10"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(),
-                                reason=f"no CIFAR-10 data at {DATA}")
 
-
-def _config(module, pretrain_dir, variant="smoke", **overrides):
+def _config(module, data_dir, pretrain_dir, variant="smoke", **overrides):
   config = module.get_config(variant)
   config.unlock()
-  config.data.data_dir = str(DATA)
+  config.data.data_dir = str(data_dir)
   config.pretrain.workdir = str(pretrain_dir)
   for key, value in overrides.items():
     config[key] = value
@@ -42,14 +37,14 @@ def _stages(workdir):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, cifar10_dir):
   """One shared dense model, then BiP, OMP and IMP runs from it."""
   root = tmp_path_factory.mktemp("pruning")
   dense = root / "pretrain"
   out = {"root": root, "dense": dense}
   for name, module in (("bip", bip_cifar10), ("omp", omp_cifar10),
                        ("imp", imp_cifar10)):
-    config = _config(module, dense)
+    config = _config(module, cifar10_dir, dense)
     out[name] = (config, train.train_and_evaluate(config, root / name))
   return out
 
@@ -118,8 +113,8 @@ def test_an_interrupted_stage_resumes_bit_identically(runs, tmp_path):
 
 
 def test_structured_bip_prunes_filters_per_layer_but_not_the_classifier(
-    runs, tmp_path):
-  config = _config(bip_first_order_cifar10, runs["dense"],
+    runs, tmp_path, cifar10_dir):
+  config = _config(bip_first_order_cifar10, cifar10_dir, runs["dense"],
                    "smoke,structured")
   assert not config.prune.correction
   results = train.train_and_evaluate(config, tmp_path / "structured")
@@ -136,14 +131,15 @@ def test_structured_bip_prunes_filters_per_layer_but_not_the_classifier(
     ({"method": "grow"}, "method='grow'"),
     ({"sparsity": 1.0}, "sparsity=1.0"),
 ])
-def test_bad_config_keys_are_named(overrides, message, tmp_path):
-  config = _config(bip_cifar10, tmp_path / "dense", **overrides)
+def test_bad_config_keys_are_named(overrides, message, tmp_path,
+                                  cifar10_dir):
+  config = _config(bip_cifar10, cifar10_dir, tmp_path / "dense", **overrides)
   with pytest.raises(ValueError, match=message):
     pruning.pipeline_from_config(config, jax.random.key(0))
 
 
-def test_unknown_model_is_named(tmp_path):
-  config = _config(bip_cifar10, tmp_path / "dense")
+def test_unknown_model_is_named(tmp_path, cifar10_dir):
+  config = _config(bip_cifar10, cifar10_dir, tmp_path / "dense")
   config.unlock()
   config.model.name = "vgg16"
   with pytest.raises(ValueError, match="model.name 'vgg16'"):
