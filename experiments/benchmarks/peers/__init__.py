@@ -20,8 +20,18 @@ Shapes: ``compute`` (784-256-10, 2,000 train / 1,000 validation) and
 step. Systems (``--systems`` takes globs): ``torch:{unrolled,cg,identity,
 neumann}`` (hand-written), ``torchopt:{unrolled,cg}``,
 ``betty:{darts,neumann,cg}``, ``biroute:{cg,identity,neumann,unrolled,
-unrolled_remat}``. Peers need ``pip install -e '.[peers]'`` (Betty 0.1.1's
-metadata is rejected by pip ≥ 24.1; see BENCHMARKS.md).
+unrolled_remat}``. A system that fails to build or step is reported in the
+table with its error; the others go on.
+
+Install the peers (PyTorch 2.13 CPU wheel, TorchOpt 0.7.3, mlxtend):
+``pip install -e '.[peers]'``. Betty: 0.2.x needs Python < 3.11 and pip ≥
+24.1 rejects 0.1.1's metadata (``torch>=1.6.*``), so fetch that wheel with an
+older pip and install it without dependencies::
+
+  python -m venv /tmp/oldpip && /tmp/oldpip/bin/pip install 'pip<24.1'
+  /tmp/oldpip/bin/pip download --no-deps betty-ml==0.1.1 -d /tmp/betty
+  /tmp/oldpip/bin/pip --python "$(which python)" install --no-deps \
+      /tmp/betty/betty_ml-0.1.1-py3-none-any.whl
 
 Run (the full measurement, on a quiet machine; about 25 minutes):
 

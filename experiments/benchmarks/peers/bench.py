@@ -135,11 +135,11 @@ class Worker:
     env = {**os.environ, "PYTHONPATH": _ROOT}
     with open(self.stderr_path, "w") as stderr:
       self.proc = subprocess.Popen(
-          [sys.executable, "-m", f"experiments.benchmarks.peers.{module}",
+          [sys.executable, "-m", "experiments.benchmarks.peers.launch",
+           ",".join(map(str, cpus)), f"experiments.benchmarks.peers.{module}",
            "--spec", spec_path],
           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
-          text=True, cwd=_ROOT, env=env,
-          preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+          text=True, cwd=_ROOT, env=env)
 
   def send(self, **cmd) -> None:
     if self.error is None:
