@@ -29,6 +29,21 @@ def test_matmul_work_counts_loop_iterations():
   assert hlo.matmul_flops(text) == 5 * 2 * 30 * 50 * 50
 
 
+def test_matmul_work_counts_scan_with_long_carry():
+  # Six carried arrays: XLA prints the tuple shape with /*index=5*/.
+  def scan(*carry):
+    def body(c, _):
+      a, b, *rest = c
+      return (jnp.tanh(a @ b), b, *(r + 1 for r in rest)), None
+    return jax.lax.scan(body, carry, length=7)[0]
+
+  args = (jnp.ones((30, 50)), jnp.ones((50, 50))) + tuple(
+      jnp.ones(i) for i in range(1, 5))
+  text = jax.jit(scan).lower(*args).compile().as_text()
+  assert "/*index=5*/" in text
+  assert hlo.matmul_flops(text) == 7 * 2 * 30 * 50 * 50
+
+
 def test_biroute_worker_alone_gives_table_and_json(tmp_path, capsys):
   out = tmp_path / "peers.json"
   args = cli.parse_args([

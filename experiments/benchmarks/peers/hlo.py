@@ -14,7 +14,7 @@ UNIT_FLOPS = 2 * 2000 * 784 * 256
 
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _INSTRUCTION = re.compile(
-    r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^=]*?\)|[\w]+\[[\d,]*\]"
+    r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\(.*?\)|[\w]+\[[\d,]*\]"
     r"(?:\{[^}]*\})?)\s+([\w\-]+)\((.*?)\)(.*)$")
 _SHAPE = re.compile(r"^\w+\[([\d,]*)\]")
 _CALLEE = re.compile(
