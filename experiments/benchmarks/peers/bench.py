@@ -224,13 +224,12 @@ def run_k(names, k, shape_name, args, workdir, data_path, flipped):
         discarded += len(pending)
       pending = []
       meter.start()
+    extra = args.auroc_steps - args.warmup - args.rounds
     for w in workers:
-      steps = args.warmup + args.rounds
-      if args.auroc_steps > steps:
-        w.send(cmd="run", n=args.auroc_steps - steps)
-    for w in workers:
-      if args.auroc_steps > args.warmup + args.rounds:
-        w.receive()
+      # One at a time: torch's OpenMP threads spin while waiting, so
+      # processes stepping side by side on few cores crawl.
+      if extra > 0:
+        w.call(cmd="run", n=extra)
     rows = []
     for w in workers:
       report = w.call(cmd="report") or {}
