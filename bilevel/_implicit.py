@@ -37,6 +37,7 @@ from bilevel._base import (
 from bilevel._implicit_diff import (
   custom_root,
   kkt_optimality_fn,
+  solve_differentiable,
   solve_with_residual,
 )
 from bilevel._inner import inner_solve
@@ -115,6 +116,7 @@ def scale_by_implicit(
     inner_solver: Callable[[PyTree, PyTree, Any], PyTree] | None = None,
     *,
     equality_constrained: bool = False,
+    track_residual: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Turns the outer problem into implicit hypergradient directions.
 
@@ -149,6 +151,9 @@ def scale_by_implicit(
       0`` (a required extra argument) as equality constraints of the lower
       level and differentiate its KKT system; multipliers are recovered by
       least squares at ``y*``.
+    track_residual: report the adjoint residual in the state (free for the
+      Krylov solvers; one ``matvec`` for ``solve_identity`` and foreign
+      solvers); ``False`` records NaN there.
 
   Returns:
     A transformation whose state is an :class:`ImplicitState`.
@@ -207,8 +212,12 @@ def scale_by_implicit(
     # x-cotangent is dead code there) and the final (∂_x G)ᵀu.
     g_value, vjp_g = jax.vjp(lambda s, x: optimality(s, x, inner_batch),
                              sol, x)
-    u, residual = solve_with_residual(
-        linear_solve, lambda w: vjp_g(w)[0], otu.tree_scale(-1.0, cotangent))
+    adjoint = (linear_solve, lambda w: vjp_g(w)[0],
+               otu.tree_scale(-1.0, cotangent))
+    if track_residual:
+      u, residual = solve_with_residual(*adjoint)
+    else:
+      u, residual = solve_differentiable(*adjoint), jnp.nan
     directions = Params(
         upper=cast_like(otu.tree_add(grad_x, vjp_g(u)[1]), params.upper),
         lower=cast_like(otu.tree_sub(y0, y_star), params.lower))
@@ -231,6 +240,7 @@ def implicit(
     linear_solve: Solve | None = None,
     inner_solver: Callable[[PyTree, PyTree, Any], PyTree] | None = None,
     equality_constrained: bool = False,
+    track_residual: bool = True,
     lower_optimizer: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Implicit-differentiation bilevel solver (the AID reference).
@@ -246,6 +256,7 @@ def implicit(
     linear_solve: see :func:`scale_by_implicit`.
     inner_solver: see :func:`scale_by_implicit`.
     equality_constrained: see :func:`scale_by_implicit`.
+    track_residual: see :func:`scale_by_implicit`.
     lower_optimizer: applied to ``y − y*``.
 
   Returns:
@@ -254,6 +265,7 @@ def implicit(
   return optax.chain(
       scale_by_implicit(inner_optimizer, inner_steps, linear_solve,
                         inner_solver,
-                        equality_constrained=equality_constrained),
+                        equality_constrained=equality_constrained,
+                        track_residual=track_residual),
       per_level(upper_optimizer,
                 optax.sgd(1.0) if lower_optimizer is None else lower_optimizer))

@@ -40,6 +40,13 @@ def _tracks_residual(solve: Solve) -> bool:
     return False
 
 
+def solve_differentiable(solve: Solve, matvec, b) -> PyTree:
+  """``A⁻¹b`` by ``solve``, differentiable whatever ``solve`` is."""
+  if _tracks_residual(solve):
+    return solve(matvec, b)  # ours: already a custom_linear_solve
+  return _implicit_linear_solve(solve, matvec, b)
+
+
 def solve_with_residual(solve: Solve, matvec, b) -> tuple[PyTree, jax.Array]:
   """``(x, ‖A x − b‖/‖b‖)``, the solver's own residual where it has one.
 

@@ -38,7 +38,8 @@ SHAPES = {
 
 # Method keys: the ratio compares systems of one key and K.
 METHOD_NAMES = {"cg": "IFT + CG(10)", "identity": "H⁻¹≈I (darts)",
-                "neumann": "Neumann(10)", "unrolled": "unrolled"}
+                "neumann": "Neumann(10)", "unrolled": "unrolled",
+                "default": "implicit, default solve (MINRES)"}
 
 # name: (worker module, its method, method key).
 SYSTEMS = {
@@ -54,6 +55,7 @@ SYSTEMS = {
     "biroute:cg": ("worker_biroute", "cg", "cg"),
     "biroute:identity": ("worker_biroute", "identity", "identity"),
     "biroute:neumann": ("worker_biroute", "neumann", "neumann"),
+    "biroute:default": ("worker_biroute", "default", "default"),
     "biroute:unrolled": ("worker_biroute", "unrolled", "unrolled"),
     "biroute:unrolled_remat": ("worker_biroute", "unrolled_remat",
                                "unrolled"),
