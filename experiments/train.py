@@ -21,8 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-import bilevel
-from experiments import checkpointing, registry
+from experiments import checkpointing, distributed, registry
 from experiments import metrics as metrics_lib
 from experiments.task import Pipeline, Stage
 
@@ -86,19 +85,22 @@ def _train_loop(config, solver, problem, batches, num_steps, directory,
     params_like = init_params()
   abstract = jax.eval_shape(lambda: _train_state(
       params_like, solver.init(params_like), 0, train_key))
-  state = _restore(ckpt, abstract)
+  place = distributed.placement(abstract)
+  state = _restore(ckpt, place.abstract(abstract))
   if state is None:
     # A copy: the step donates its inputs, and the initial params may share
     # buffers with what other stages still need (e.g. rewound weights).
     params = jax.tree.map(jnp.copy, init_params())
-    state = _train_state(params, solver.init(params), 0, train_key)
+    state = place.state(_train_state(params, solver.init(params), 0,
+                                     train_key))
   params, solver_state = state["params"], state["solver_state"]
   key = jax.random.wrap_key_data(state["key"])
   start = int(state["step"])
   if start == num_steps:
     ckpt.close()
-    return params
-  step_fn = bilevel.make_step(solver, problem, donate=True)
+    return place.host(params)
+  step_fn = place.make_step(solver, problem)
+  batches = place.batches(batches)
   with metrics_lib.MetricWriter(
       directory, total_steps=num_steps, start_step=start) as writer:
     for step in range(start, num_steps):
@@ -110,10 +112,11 @@ def _train_loop(config, solver, problem, batches, num_steps, directory,
         writer.write(done, scalars)
         writer.progress(done, scalars)
       if done % config.train.checkpoint_every == 0 or done == num_steps:
-        ckpt.save(done, _train_state(params, solver_state, done, key))
+        ckpt.save(done, place.state(
+            _train_state(params, solver_state, done, key)))
   ckpt.wait()
   ckpt.close()
-  return params
+  return place.host(params)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -178,8 +181,9 @@ def _run_pipeline(config, pipeline: Pipeline, workdir: pathlib.Path,
   last = pipeline.stages[-1]
   results = {**stage_results[last.name],
              **{f"steps/{k}": v for k, v in steps_by_kind.items()}}
-  (workdir / "stages.json").write_text(
-      json.dumps(stage_results, indent=2) + "\n")
+  if distributed.is_primary():
+    (workdir / "stages.json").write_text(
+        json.dumps(stage_results, indent=2) + "\n")
   with metrics_lib.MetricWriter(workdir, total_steps=0) as writer:
     return _evaluate_and_report(lambda _: results, None, writer,
                                 last.num_steps, workdir / "results.json",
@@ -197,7 +201,8 @@ def _evaluate_and_report(evaluate_fn, params, writer, step, results_path,
                          prefix):
   results = {k: float(v) for k, v in evaluate_fn(params).items()}
   writer.write(step, results, prefix=prefix)
-  results_path.write_text(json.dumps(results, indent=2) + "\n")
+  if distributed.is_primary():
+    results_path.write_text(json.dumps(results, indent=2) + "\n")
   _print_results(prefix, results)
   return results
 
@@ -237,10 +242,11 @@ def _restore_for_eval(config, workdir: pathlib.Path, step: int | None = None,
     tx = registry.build_solver(config.solver)
   abstract = jax.eval_shape(lambda: _train_state(
       params_like, tx.init(params_like), 0, keys["train"]))
+  place = distributed.placement(abstract)
   ckpt = _checkpointer(config, workdir)
-  step, state = ckpt.restore(abstract, step=step)
+  step, state = ckpt.restore(place.abstract(abstract), step=step)
   ckpt.close()
-  return evaluate_fn, step, state
+  return evaluate_fn, step, place.host(state)
 
 
 def load_params(workdir: str | pathlib.Path, config, step: int | None = None,
