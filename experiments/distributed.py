@@ -70,14 +70,8 @@ def initialize(coordinator_address: str | None = None,
                process_id: int | None = None) -> bool:
   """Starts ``jax.distributed`` when the run is one of several processes.
 
-  Each argument left None is read from its environment variable
-  (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``);
-  those still missing are left to ``jax.distributed.initialize``'s cluster
-  detection. With no argument, no variable and no multi-process launcher
-  (SLURM ``SLURM_NTASKS``, Open MPI ``OMPI_COMM_WORLD_SIZE`` or a multi-host
-  TPU's ``TPU_WORKER_HOSTNAMES``), nothing is started.
-
-  Must run before anything touches a JAX backend.
+  Must run before anything touches a JAX backend. See
+  :func:`distributed_args` for where the arguments come from.
 
   Args:
     coordinator_address: ``host:port`` of process 0's coordinator service.
@@ -87,14 +81,8 @@ def initialize(coordinator_address: str | None = None,
   Returns:
     Whether ``jax.distributed`` was started.
   """
-  given = {"coordinator_address": coordinator_address,
-           "num_processes": num_processes, "process_id": process_id}
-  for name, value in given.items():
-    if value is None and os.environ.get(_ENV[name]):
-      raw = os.environ[_ENV[name]]
-      given[name] = raw if name == "coordinator_address" else int(raw)
-  args = {k: v for k, v in given.items() if v is not None}
-  if not args and _launcher_processes() < 2:
+  args = distributed_args(coordinator_address, num_processes, process_id)
+  if args is None:
     return False
   if jax.config.jax_cpu_collectives_implementation in (None, "none"):
     # Without CPU collectives a CPU mesh over several processes cannot run.
@@ -104,6 +92,43 @@ def initialize(coordinator_address: str | None = None,
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
   return True
+
+
+def distributed_args(coordinator_address: str | None = None,
+                     num_processes: int | None = None,
+                     process_id: int | None = None
+                     ) -> dict[str, Any] | None:
+  """The ``jax.distributed.initialize`` arguments, or None for one process.
+
+  Each argument left None is read from its environment variable
+  (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``);
+  those still missing are left to ``jax.distributed.initialize``'s cluster
+  detection. With no argument, no variable and no multi-process launcher
+  (SLURM ``SLURM_NTASKS``, Open MPI ``OMPI_COMM_WORLD_SIZE`` or a multi-host
+  TPU's ``TPU_WORKER_HOSTNAMES``), the run is single-process: None.
+
+  Args:
+    coordinator_address: ``host:port`` of process 0's coordinator service.
+    num_processes: the number of processes.
+    process_id: this process's index in ``[0, num_processes)``.
+
+  Returns:
+    The keyword arguments that are known (possibly none, for cluster
+    detection), or None.
+  """
+  given = {"coordinator_address": coordinator_address,
+           "num_processes": num_processes, "process_id": process_id}
+  for name, value in given.items():
+    raw = os.environ.get(_ENV[name])
+    if value is not None or not raw:
+      continue
+    if name != "coordinator_address" and not raw.isdigit():
+      raise ValueError(f"{_ENV[name]}={raw!r} must be a non-negative integer")
+    given[name] = raw if name == "coordinator_address" else int(raw)
+  args = {k: v for k, v in given.items() if v is not None}
+  if not args and _launcher_processes() < 2:
+    return None
+  return args
 
 
 def is_primary() -> bool:
