@@ -8,8 +8,9 @@ The same command runs on one process or many::
 :func:`initialize` starts ``jax.distributed`` from those flags, from
 ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``, or
 from a multi-process cluster launcher that ``jax.distributed.initialize()``
-detects (SLURM, Open MPI, multi-host TPU); with none of these the run stays
-single-process and nothing here changes it.
+detects (SLURM, Open MPI, GKE TPU; on Cloud TPU VMs ``--num_processes``
+alone); with none of these the run stays single-process and nothing here
+changes it.
 
 Once started, the training loop places everything on one global mesh with a
 single axis, ``'data'``, over every device of every process (see
