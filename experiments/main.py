@@ -10,7 +10,7 @@ Flags only: the library does the work (``experiments.train``).
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import cli, train
+from experiments import cli, distributed, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (get_config(arg)).",
@@ -29,6 +29,15 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_list(
 _VERBOSE = flags.DEFINE_bool(
     "verbose", False, "Show the traceback of expected errors too.")
 flags.mark_flags_as_required(["config", "workdir"])
+# Multi-process runs (docs/distributed.md); unset: JAX_* variables, a cluster
+# launcher's, or a single process.
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0's jax.distributed coordinator.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of jax.distributed processes.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index in [0, num_processes).")
 
 
 def main(argv):
@@ -36,6 +45,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   cli.quiet_library_info_logs()
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                         _PROCESS_ID.value)
   with cli.one_line_errors(verbose=_VERBOSE.value):
     if _MODE.value == "train":
       train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,

@@ -25,8 +25,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-import bilevel
-from experiments import checkpointing, config_checks, registry
+from experiments import checkpointing, config_checks, distributed, registry
 from experiments import metrics as metrics_lib
 from experiments import workdir as workdir_lib
 from experiments.task import Pipeline, Stage
@@ -95,12 +94,14 @@ def _train_loop(config, solver, problem, batches, num_steps, directory,
     params_like = init_params()
   abstract = jax.eval_shape(lambda: _train_state(
       params_like, solver.init(params_like), 0, train_key))
-  state = _restore(ckpt, abstract)
+  place = distributed.placement(abstract)
+  state = _restore(ckpt, place.abstract(abstract))
   if state is None:
     # A copy: the step donates its inputs, and the initial params may share
     # buffers with what other stages still need (e.g. rewound weights).
     params = jax.tree.map(jnp.copy, init_params())
-    state = _train_state(params, solver.init(params), 0, train_key)
+    state = place.state(_train_state(params, solver.init(params), 0,
+                                     train_key))
   params, solver_state = state["params"], state["solver_state"]
   key = jax.random.wrap_key_data(state["key"])
   start = int(state["step"])
@@ -110,8 +111,9 @@ def _train_loop(config, solver, problem, batches, num_steps, directory,
                      f" {num_steps} steps")
   if start == num_steps:
     ckpt.close()
-    return params
-  step_fn = bilevel.make_step(solver, problem, donate=True)
+    return place.host(params)
+  step_fn = place.make_step(solver, problem)
+  batches = place.batches(batches)
   with metrics_lib.MetricWriter(
       directory, total_steps=num_steps, start_step=start) as writer:
     for step in range(start, num_steps):
@@ -128,10 +130,11 @@ def _train_loop(config, solver, problem, batches, num_steps, directory,
         _stop_if_not_finite(step_metrics, params if save else None, done,
                             ckpt)
       if save:
-        ckpt.save(done, _train_state(params, solver_state, done, key))
+        ckpt.save(done, place.state(
+            _train_state(params, solver_state, done, key)))
   ckpt.wait()
   ckpt.close()
-  return params
+  return place.host(params)
 
 
 def _stop_if_not_finite(step_metrics, params, step: int, ckpt) -> None:
@@ -248,7 +251,8 @@ def _run_pipeline(config, pipeline: Pipeline, workdir: pathlib.Path,
   last = pipeline.stages[-1]
   results = {**stage_results[last.name],
              **{f"steps/{k}": v for k, v in steps_by_kind.items()}}
-  workdir_lib.write_json(workdir / "stages.json", stage_results)
+  if distributed.is_primary():
+    workdir_lib.write_json(workdir / "stages.json", stage_results)
   with metrics_lib.MetricWriter(workdir, total_steps=0) as writer:
     return _evaluate_and_report(lambda _: results, None, writer,
                                 last.num_steps, workdir / "results.json",
@@ -266,7 +270,8 @@ def _evaluate_and_report(evaluate_fn, params, writer, step, results_path,
                          prefix):
   results = {k: float(v) for k, v in evaluate_fn(params).items()}
   writer.write(step, results, prefix=prefix)
-  workdir_lib.write_json(results_path, results)
+  if distributed.is_primary():
+    workdir_lib.write_json(results_path, results)
   _print_results(prefix, results)
   return results
 
@@ -321,12 +326,13 @@ def _restore_for_eval(config, workdir: pathlib.Path, step: int | None = None,
   if not (workdir / "checkpoints").is_dir():
     raise FileNotFoundError(f"no checkpoints in {workdir}: train there"
                             " first (--mode=train)")
+  place = distributed.placement(abstract)
   ckpt = checkpointing.Checkpointer(
       workdir / "checkpoints", max_to_keep=config.train.max_to_keep,
       create=False)
-  step, state = ckpt.restore(abstract, step=step)
+  step, state = ckpt.restore(place.abstract(abstract), step=step)
   ckpt.close()
-  return evaluate_fn, step, state
+  return evaluate_fn, step, place.host(state)
 
 
 def load_params(workdir: str | pathlib.Path, config, step: int | None = None,
