@@ -312,7 +312,10 @@ def table(rows, meta) -> str:
         f"{_fmt(r['auroc'], '.3f')} | {_fmt(r['hlo_ops'], 'd')} |")
   lines += ["", "Matmul work: dots (XLA, read from the compiled HLO) or "
             "matmul flops (torch FlopCounterMode) per outer step, in units of "
-            "one 2000×784×256 matmul. AUROC: σ(c) for clean vs flipped after "
+            "one 2000×784×256 matmul (biroute's CG loop counted at its 10 "
+            "iterations; the default's MINRES loop, which stops on its "
+            "tolerance, once: a lower bound). AUROC: σ(c) for clean vs "
+            "flipped after "
             f"{meta['auroc_steps']} outer steps. Versions: "
             + "; ".join(sorted({r["version"] for r in rows
                                 if r.get("version")})) + "."]

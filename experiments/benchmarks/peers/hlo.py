@@ -81,11 +81,13 @@ def _split_operands(operands: str) -> list[str]:
   return parts + [current]
 
 
-def _walk(hlo_text: str, visit) -> None:
+def _walk(hlo_text: str, visit, unknown_trip_count: int = 1) -> None:
   """Calls ``visit(instruction, times, shapes, fused)`` for every executed op.
 
   ``times`` is how often the instruction runs per call of the entry
-  computation; ``fused`` whether it sits inside a fusion.
+  computation; ``fused`` whether it sits inside a fusion. A ``while`` whose
+  trip count XLA does not know (a Krylov loop with a data-dependent stop)
+  runs ``unknown_trip_count`` times: the caller states it.
   """
   computations, entry = _parse(hlo_text)
   shapes = {name: shape for instrs in computations.values()
@@ -96,16 +98,20 @@ def _walk(hlo_text: str, visit) -> None:
       _, _, opcode, _, attrs = instr
       visit(instr, times, shapes, fused)
       trip = _TRIP.search(attrs)
-      inner = times * (int(trip.group(1)) if opcode == "while" and trip
-                       else 1)
+      inner = times
+      if opcode == "while":
+        inner *= int(trip.group(1)) if trip else unknown_trip_count
       for callee in _CALLEE.findall(attrs):
         go(callee, inner, fused or opcode == "fusion")
 
   go(entry, 1, False)
 
 
-def matmul_flops(hlo_text: str) -> int:
-  """Total ``2·M·N·K`` flops of the dots executed by one call."""
+def matmul_flops(hlo_text: str, unknown_trip_count: int = 1) -> int:
+  """Total ``2·M·N·K`` flops of the dots executed by one call.
+
+  ``unknown_trip_count``: see :func:`_walk`.
+  """
   total = 0
 
   def visit(instr, times, shapes, fused):
@@ -115,13 +121,13 @@ def matmul_flops(hlo_text: str) -> int:
     if opcode == "dot":
       total += times * _dot_flops(shape, operands, attrs, shapes)
 
-  _walk(hlo_text, visit)
+  _walk(hlo_text, visit, unknown_trip_count)
   return total
 
 
-def matmul_work(hlo_text: str) -> float:
+def matmul_work(hlo_text: str, unknown_trip_count: int = 1) -> float:
   """:func:`matmul_flops` in units of one ``2000×784×256`` matmul."""
-  return matmul_flops(hlo_text) / UNIT_FLOPS
+  return matmul_flops(hlo_text, unknown_trip_count) / UNIT_FLOPS
 
 
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
