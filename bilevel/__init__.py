@@ -60,7 +60,12 @@ from bilevel._base import (
     uses_outer_grads,
 )
 from bilevel._bip import BiPState, SequentialBiPState, bip, scale_by_bip
-from bilevel._implicit import ImplicitState, implicit, scale_by_implicit
+from bilevel._implicit import (
+    ImplicitState,
+    implicit,
+    scale_by_implicit,
+    unroll_horizon_solve,
+)
 from bilevel._implicit_diff import (
     custom_fixed_point,
     custom_root,
@@ -170,6 +175,7 @@ __all__ = (
     "straight_through_topk_per_leaf",
     "topk_mask",
     "topk_mask_per_leaf",
+    "unroll_horizon_solve",
     "unrolled",
     "upcast",
     "uses_outer_grads",

@@ -45,16 +45,17 @@ from bilevel._linear_solve import (
   solve_cg,
   solve_hessian,
   solve_minres,
+  solve_neumann,
 )
 from bilevel._wrappers import check_static_int, declare_static
 
 PyTree = Any
 Solve = Callable[[Callable[[PyTree], PyTree], PyTree], PyTree]
 
-# MINRES: exact on convex lower levels, finite on singular and indefinite
-# Hessians (where CG divides by a rounding-sized pᵀHp), and it tracks its
-# residual for free. On non-convex lower levels add ``ridge`` above the most
-# negative curvature (``solve_hessian``'s docstring has the measurement).
+# With an exact inner_solver: MINRES, exact on convex lower levels, finite on
+# singular and indefinite Hessians (where CG divides by a rounding-sized
+# pᵀHp), its residual tracked for free. With an inner optimizer the default
+# is :func:`unroll_horizon_solve` instead.
 DEFAULT_LINEAR_SOLVE = solve_hessian
 # The KKT matrix is symmetric and indefinite.
 DEFAULT_KKT_SOLVE = functools.partial(solve_minres, tol=1e-8, maxiter=200)
@@ -77,6 +78,43 @@ class ImplicitState(NamedTuple):
   inner_grad_norm: jax.Array
   linear_solve_residual: jax.Array
   outer_loss: jax.Array
+
+
+def unroll_horizon_solve(inner_optimizer: optax.GradientTransformation,
+                         inner_steps: int, lower: PyTree) -> Solve:
+  """Neumann series with the inner loop's step and length (the default).
+
+  ``u = η Σ_{k<T} (I − ηH)^k b``, ``T = inner_steps`` and ``η`` the inner
+  optimizer's step read off its first update of ``b`` (``η = −⟨u₀, b⟩/‖b‖²``,
+  exact for SGD; clamped to 0 if not positive and finite). This is the
+  hypergradient of the ``T``-step unroll linearised at the solution
+  (Lorraine, Vicol & Duvenaud, AISTATS 2020, Alg. 3): its spectral filter
+  ``(1 − (1 − ηλ)^T)/λ`` equals ``1/λ`` where the inner loop converges
+  (``(1 − ηλ)^T ≈ 0``), so it is the IFT hypergradient on well-conditioned
+  convex lower levels, and it is bounded by ``ηT`` on flat, singular or
+  slightly negative curvature, where the IFT solution blows up or is
+  meaningless for the ``y*`` the loop actually returned. It never divides.
+
+  Measured on MNIST hyper-cleaning (784-32-10 MLP, inner SGD 0.1, K = 10,
+  200 Adam steps; BENCHMARKS.md): AUROC 0.900 against unrolled's 0.901,
+  where undamped MINRES gave 0.765 and CG(10) 0.662.
+
+  Args:
+    inner_optimizer: the lower level's optax transformation.
+    inner_steps: ``T``.
+    lower: the lower-level params (to initialise the optimizer's state).
+
+  Returns:
+    ``solve(matvec, b, return_residual=False)``.
+  """
+  def solve(matvec, b, return_residual=False):
+    probe, _ = inner_optimizer.update(b, inner_optimizer.init(lower), lower)
+    eta = -otu.tree_vdot(probe, b) / otu.tree_vdot(b, b)
+    eta = jnp.where(jnp.isfinite(eta) & (eta > 0), eta, 0.0)
+    return solve_neumann(matvec, b, step=eta, maxiter=inner_steps,
+                         return_residual=return_residual)
+
+  return solve
 
 
 def _multipliers(constraints, upper, lower, batch, grad_y):
@@ -140,8 +178,11 @@ def scale_by_implicit(
       ``inner_steps`` steps from ``params.lower`` with a fresh state.
     inner_steps: number of inner steps (a Python int).
     linear_solve: ``solve(matvec, b)`` for the adjoint system; default
-      :data:`DEFAULT_LINEAR_SOLVE` (:func:`bilevel.solve_hessian`, MINRES),
-      or MINRES with ``tol=1e-8`` when ``equality_constrained``. A solver
+      :func:`unroll_horizon_solve` (Neumann with the inner loop's step and
+      length) with an ``inner_optimizer``, :data:`DEFAULT_LINEAR_SOLVE`
+      (:func:`bilevel.solve_hessian`, MINRES) with an exact
+      ``inner_solver``, MINRES with ``tol=1e-8`` when
+      ``equality_constrained``. A solver
       accepting ``return_residual=True`` reports the residual for free; any
       other costs one more ``matvec`` for the ``linear_solve_residual``
       diagnostic.
@@ -168,7 +209,7 @@ def scale_by_implicit(
                                equality_constrained):
     raise ValueError("scale_by_implicit needs an inner_solver with "
                      "equality_constrained=True, else an inner_optimizer.")
-  if linear_solve is None:
+  if linear_solve is None and inner_solver is not None:
     linear_solve = (DEFAULT_KKT_SOLVE if equality_constrained
                     else DEFAULT_LINEAR_SOLVE)
   required = ("outer_loss", "inner_loss") + (
@@ -202,7 +243,9 @@ def scale_by_implicit(
     sol0 = y0 if not constraints else (
         y0, jnp.zeros(jax.eval_shape(constraints[0], x, y0,
                                      inner_batch).shape, jnp.float32))
-    sol = custom_root(optimality, solve=linear_solve)(solver)(
+    solve = linear_solve or unroll_horizon_solve(inner_optimizer,
+                                                 inner_steps, y0)
+    sol = custom_root(optimality, solve=solve)(solver)(
         sol0, x, inner_batch)
     y_star = sol[0] if constraints else sol
     value, (grad_x, grad_y) = jax.value_and_grad(
@@ -212,7 +255,7 @@ def scale_by_implicit(
     # x-cotangent is dead code there) and the final (∂_x G)ᵀu.
     g_value, vjp_g = jax.vjp(lambda s, x: optimality(s, x, inner_batch),
                              sol, x)
-    adjoint = (linear_solve, lambda w: vjp_g(w)[0],
+    adjoint = (solve, lambda w: vjp_g(w)[0],
                otu.tree_scale(-1.0, cotangent))
     if track_residual:
       u, residual = solve_with_residual(*adjoint)

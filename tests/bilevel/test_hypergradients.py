@@ -289,3 +289,18 @@ def test_implicit_default_is_finite_on_a_singular_lower_level():
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(params))
   final = hypergradient(params.upper, params.lower[1])
   assert float(jnp.linalg.norm(final)) < 1e-3, final
+
+
+def test_default_solve_is_the_neumann_series_of_the_inner_loop():
+  """The default adjoint solve is Neumann with the inner SGD's step and T."""
+  problem, params, batches, _ = _singular_problem()
+  extra = dict(outer_loss=problem.outer_loss, inner_loss=problem.inner_loss,
+               **batches)
+  default = bilevel.scale_by_implicit(optax.sgd(0.3), 7)
+  explicit = bilevel.scale_by_implicit(
+      optax.sgd(0.3), 7, linear_solve=functools.partial(
+          bilevel.solve_neumann, step=0.3, maxiter=7))
+  got, _ = default.update(None, default.init(params), params, **extra)
+  want, _ = explicit.update(None, explicit.init(params), params, **extra)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5,
+                                 atol=1e-6), got, want)
