@@ -36,8 +36,9 @@ def check_batches(batches: Any, extra_keys: tuple[str, ...] = ()) -> None:
 
   Raises:
     TypeError: ``batches`` is not a mapping.
-    KeyError: a key is missing or unknown, naming it (and the closest valid
-      key for a misspelling).
+    KeyError: an unknown key, naming it (and the closest valid key for a
+      misspelling), or neither batch key. One missing batch key is None (a
+      single-level task has no inner batch).
   """
   if not isinstance(batches, Mapping):
     raise TypeError("batches must be a dict with keys 'outer_batch' and "
@@ -51,11 +52,9 @@ def check_batches(batches: Any, extra_keys: tuple[str, ...] = ()) -> None:
     raise KeyError(f"unknown batch key(s) {', '.join(hints)}; valid keys: "
                    f"{', '.join(valid)} (declare others with make_step("
                    "extra_batch_keys=...))")
-  missing = [k for k in BATCH_KEYS if k not in batches]
-  if missing:
-    raise KeyError(f"batches misses {', '.join(map(repr, missing))} (give "
-                   "None where a loss takes no batch); got keys "
-                   f"{sorted(batches)}")
+  if not any(k in batches for k in BATCH_KEYS):
+    raise KeyError("batches has neither 'outer_batch' nor 'inner_batch'; got"
+                   f" keys {sorted(batches)}")
 
 
 def _aux_at(problem: Problem, params: Params, batches) -> dict[str, Any]:
@@ -119,6 +118,7 @@ def make_step(
   def step(params: Params, state, batches: Mapping[str, Any]):
     check_params(params, "make_step")
     check_batches(batches, extra_batch_keys)
+    batches = {k: None for k in BATCH_KEYS} | dict(batches)
     outer_batch = batches["outer_batch"]
     if uses_outer_grads(state):
       value, outer_grads = jax.value_and_grad(outer_value)(params,
