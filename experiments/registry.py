@@ -14,7 +14,9 @@ import ml_collections
 import optax
 
 import bilevel
-from experiments import (
+from experiments import data as data_lib
+from experiments.task import Pipeline, Task
+from experiments.tasks import (
   biformer_classification,
   hyper_cleaning,
   lv_hba_toy,
@@ -22,8 +24,6 @@ from experiments import (
   pruning,
   svm,
 )
-from experiments import data as data_lib
-from experiments.task import Pipeline, Task
 
 
 def _lookup(table: Mapping[str, Any], name: str, what: str) -> Any:

@@ -2,7 +2,7 @@ r"""LV-HBA on linear-SVM hyper-parameter optimisation and data hyper-cleaning.
 
 Upper level: one log-weight cᵢ per training example; lower level: the
 soft-margin SVM (w, b, ξ) with per-example margin constraints; outer loss: a
-smoothed validation 0-1 error (experiments/svm_problem.py). Default:
+smoothed validation 0-1 error (experiments/tasks/svm_problem.py). Default:
 scikit-learn's breast-cancer set (300 / 120 / 149), clean labels, LV-HBA.
 
 Run (from the repository root, no download):
@@ -20,7 +20,7 @@ Variants (comma-separated after a colon):
             relaxed (squared-hinge) lower level
 
 The grid-search baseline (one shared c) is
-experiments.svm_solvers.grid_search, run by
+experiments.tasks.svm_solvers.grid_search, run by
 experiments/benchmarks/lv_hba_svm_table.py with every method.
 """
 

@@ -6,7 +6,7 @@ arithmetic is in ``models/moe_lm.py``), trained with AdamW on next-byte
 cross-entropy plus each method's router losses for a fixed token budget
 (``num_steps = token_budget // (batch_size · seq_len)``). The corpus is the
 running Python's standard-library source, built at run time
-(``experiments/text_corpus.py``).
+(``experiments/tasks/text_corpus.py``).
 
 Run (one variant; ``experiments/benchmarks/moe_lm_table.py`` runs all six):
 

@@ -1,8 +1,9 @@
 """Pruning masks over a flat weight dict: layouts, magnitude and top-k masks.
 
-A *mask tree* has the keys of the weights ``{dotted.path: array}`` of
-:class:`experiments.image_classification.Network`. A prunable leaf (a conv or
-dense ``kernel``) holds scores or a ``{0, 1}`` mask of
+A *mask tree* has the keys of a flat weight dict ``{dotted.path: array}``
+(the weights of an image classifier's ``nnx.Param`` leaves, as
+``experiments.tasks.image_classification.Network`` holds them). A prunable
+leaf (a conv or dense ``kernel``) holds scores or a ``{0, 1}`` mask of
 ``models.masking.score_shape(kernel.shape, mode)``: the kernel's shape
 (unstructured), one entry per output filter or per input channel
 (structured). Every other leaf (BatchNorm scale and bias, biases, excluded

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import pruning_masks as pm
+from models import mask_builders as pm
 
 
 def _weights(seed=0):

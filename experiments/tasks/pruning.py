@@ -2,7 +2,7 @@ r"""CIFAR pruning pipelines: BiP, one-shot and iterative magnitude pruning.
 
 Every method starts from the same dense model (stage ``pretrain``), holds
 ``Params(upper=mask or scores, lower=weights)`` over the flat weight dict of
-:class:`~experiments.image_classification.Network`, and retrains with the
+:class:`~experiments.tasks.image_classification.Network`, and retrains with the
 same optimiser (SGD with momentum, cosine decay, weight decay ``γ``):
 
 * ``omp`` (one-shot magnitude pruning): keep the largest ``|θ|`` of the
@@ -20,7 +20,7 @@ same optimiser (SGD with momentum, cosine decay, weight decay ``γ``):
   first-order ablation.
 
 BatchNorm runs on batch statistics in training; evaluation recalibrates it
-on fixed training images (see ``experiments.image_classification``).
+on fixed training images (see ``experiments.tasks.image_classification``).
 """
 
 import zlib
@@ -33,9 +33,9 @@ from flax import nnx
 
 import bilevel
 from experiments import data as data_lib
-from experiments import image_classification as ic
-from experiments import pruning_masks as pm
 from experiments.task import Pipeline, Stage
+from experiments.tasks import image_classification as ic
+from models import mask_builders as pm
 from models.resnet_cifar import ResNetCIFAR, SmallCNN
 
 METHODS = ("bip", "omp", "imp")

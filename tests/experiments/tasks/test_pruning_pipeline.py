@@ -11,14 +11,15 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import pruning, train
-from experiments import pruning_masks as pm
+from experiments import train
 from experiments.configs import (
   bip_cifar10,
   bip_first_order_cifar10,
   imp_cifar10,
   omp_cifar10,
 )
+from experiments.tasks import pruning
+from models import mask_builders as pm
 
 
 def _config(module, data_dir, pretrain_dir, variant="smoke", **overrides):

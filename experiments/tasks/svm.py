@@ -3,10 +3,10 @@ r"""Linear-SVM hyper-parameter optimisation and data hyper-cleaning (LV-HBA §5)
 The task and config glue of the registry's ``'lv_hba_svm'`` entries: the
 binary splits (:func:`make_data`, breast cancer or two CIFAR-10 classes,
 labels partly flipped), the :class:`~experiments.task.Task` over the
-bilevel problem of :mod:`experiments.svm_problem` (constrained for LV-HBA,
+bilevel problem of :mod:`experiments.tasks.svm_problem` (constrained for LV-HBA,
 relaxed for implicit differentiation) and the solvers of the ``solver``
 config section, with the Newton inner solver and feasibility projections
-of :mod:`experiments.svm_solvers`.
+of :mod:`experiments.tasks.svm_solvers`.
 
 References:
   Yao, Yu, Zeng, Zhang, "Constrained Bi-Level Optimization: Proximal
@@ -25,8 +25,9 @@ import optax
 
 import bilevel
 from experiments import data as data_lib
-from experiments import evaluation, svm_problem, svm_solvers
+from experiments import evaluation
 from experiments.task import Task
+from experiments.tasks import svm_problem, svm_solvers
 
 # ----------------------------------------------------------------------------
 # Data.

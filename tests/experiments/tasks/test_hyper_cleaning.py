@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 import bilevel
 from experiments import data, evaluation
-from experiments import hyper_cleaning as hc
+from experiments.tasks import hyper_cleaning as hc
 
 STEPS = 300
 LOWER_OPT = optax.sgd(0.5)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import image_classification as ic
+from experiments.tasks import image_classification as ic
 
 
 class _LinearBN(nnx.Module):
