@@ -26,16 +26,14 @@ experiments/benchmarks/lv_hba_svm_table.py with every method.
 
 import ml_collections
 
+from experiments.configs import parse_variants
+
 VARIANTS = ("smoke", "cleaning", "cifar10", "implicit")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config; ``arg`` is a comma-separated list of VARIANTS."""
-  variants = [v for v in (arg or "").split(",") if v]
-  unknown = sorted(set(variants) - set(VARIANTS))
-  if unknown:
-    raise ValueError(
-        f"Unknown lv_hba_svm variant(s) {unknown}; valid: {VARIANTS}")
+  variants = parse_variants(arg, VARIANTS, "lv_hba_svm")
 
   config = ml_collections.ConfigDict()
   config.task = "lv_hba_svm"
