@@ -33,6 +33,7 @@ from flax import nnx
 
 import bilevel
 from experiments import data as data_lib
+from experiments import registry
 from experiments.task import Pipeline, Stage
 from experiments.tasks import image_classification as ic
 from models import mask_builders as pm
@@ -118,10 +119,12 @@ class _Setup:
             **pm.sparsity_report(self.layout, mask, weights)}
 
 
-def _sgd(cfg: ml_collections.ConfigDict, num_steps: int
+def _sgd(lr: float, momentum: float, num_steps: int
          ) -> optax.GradientTransformation:
-  schedule = optax.cosine_decay_schedule(cfg.lr, max(num_steps, 1))
-  return optax.sgd(schedule, momentum=cfg.momentum)
+  """SGD with momentum, ``lr`` cosine-decayed to 0 over ``num_steps``."""
+  return registry.build_optimizer(
+      {"name": "momentum", "lr": lr, "momentum": momentum,
+       "schedule": "cosine", "decay_steps": num_steps})
 
 
 def _train_solver(cfg, num_steps) -> optax.GradientTransformation:
@@ -129,7 +132,7 @@ def _train_solver(cfg, num_steps) -> optax.GradientTransformation:
   return bilevel.per_level(
       optax.set_to_zero(),
       optax.chain(optax.add_decayed_weights(cfg.weight_decay),
-                  _sgd(cfg, num_steps)))
+                  _sgd(cfg.lr, cfg.momentum, num_steps)))
 
 
 def _train_stage(setup: _Setup, name: str, cfg, init, *, evaluate=True,
@@ -183,10 +186,9 @@ def _bip_solver(setup: _Setup, config) -> optax.GradientTransformation:
   cfg = config.prune
   mask_fn = pm.straight_through_mask_fn(
       setup.layout, 1.0 - config.sparsity, setup.params_like.upper)
-  score_cfg = ml_collections.ConfigDict(
-      {"lr": cfg.mask_lr, "momentum": cfg.momentum})
   return bilevel.bip(
-      _sgd(score_cfg, cfg.num_steps), _sgd(cfg, cfg.num_steps),
+      _sgd(cfg.mask_lr, cfg.momentum, cfg.num_steps),
+      _sgd(cfg.lr, cfg.momentum, cfg.num_steps),
       gamma=cfg.gamma, relaxed=False, mask_fn=mask_fn,
       correction=cfg.correction, sequential=cfg.sequential)
 
