@@ -146,18 +146,14 @@ def _train_stage(setup: _Setup, name: str, cfg, init, *, evaluate=True,
       workdir=workdir)
 
 
-def _magnitude_mask(setup: _Setup, params: bilevel.Params,
-                    kept: float) -> dict[str, jax.Array]:
-  scores = pm.magnitude_scores(setup.layout, params.upper, params.lower)
-  return pm.topk_mask(setup.layout, scores, kept)
-
-
 def _omp_stages(setup, config, pretrained: Callable) -> list[Stage]:
   kept = 1.0 - config.sparsity
 
   def init(finals):
     dense = pretrained(finals)
-    return bilevel.Params(_magnitude_mask(setup, dense, kept), dense.lower)
+    return bilevel.Params(
+        pm.magnitude_mask(setup.layout, dense.upper, dense.lower, kept),
+        dense.lower)
 
   return [_train_stage(setup, "finetune", config.finetune, init)]
 
@@ -174,7 +170,9 @@ def _imp_stages(setup, config, pretrained: Callable) -> list[Stage]:
       dense = pretrained(finals)
       last = finals[previous] if previous else dense
       # Prune by the trained weights' magnitudes, then rewind the weights.
-      return bilevel.Params(_magnitude_mask(setup, last, kept), dense.lower)
+      return bilevel.Params(
+          pm.magnitude_mask(setup.layout, last.upper, last.lower, kept),
+          dense.lower)
 
     stages.append(_train_stage(setup, name, cfg, init,
                                evaluate=is_target or j == len(schedule)))
