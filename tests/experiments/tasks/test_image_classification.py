@@ -71,6 +71,15 @@ def test_accuracy_counts_every_example_of_a_ragged_last_batch():
   assert ic.accuracy(network, weights, stats, x, labels, 3) == expected
 
 
+def test_bad_shapes_are_named():
+  with pytest.raises(AssertionError, match="rank"):
+    ic.augment(jax.random.key(0), jnp.zeros((5, 5, 2)))
+  with pytest.raises(AssertionError, match="rank"):
+    ic.cross_entropy(jnp.zeros((2, 3, 4)), jnp.zeros(2, jnp.int32))
+  with pytest.raises(AssertionError, match="shape"):
+    ic.cross_entropy(jnp.zeros((2, 4)), jnp.zeros((2, 1), jnp.int32))
+
+
 def test_missing_weights_are_named():
   network = ic.Network(_LinearBN(nnx.Rngs(0)))
   weights = network.init_weights()

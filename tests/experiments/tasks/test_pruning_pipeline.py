@@ -7,6 +7,7 @@ import json
 import pathlib
 import shutil
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -110,7 +111,7 @@ def test_an_interrupted_stage_resumes_bit_identically(runs, tmp_path):
   train.train_and_evaluate(config, workdir)
   resumed = train.load_params(workdir, config)
   original = train.load_params(runs["root"] / "bip", config)
-  jax.tree.map(np.testing.assert_array_equal, resumed, original)
+  chex.assert_trees_all_equal(resumed, original)
 
 
 def test_structured_bip_prunes_filters_per_layer_but_not_the_classifier(
