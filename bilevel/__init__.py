@@ -92,7 +92,7 @@ from bilevel._masks import (
     topk_mask,
     topk_mask_per_leaf,
 )
-from bilevel._project import project_params
+from bilevel._projected_step import project_params
 from bilevel._projections import (
     DykstraInfo,
     dykstra,

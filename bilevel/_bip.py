@@ -37,7 +37,7 @@ from bilevel._base import (
   upcast,
 )
 from bilevel._masks import straight_through_topk
-from bilevel._project import project_params
+from bilevel._projected_step import project_params
 from bilevel._projections import projection_capped_simplex
 from bilevel._wrappers import check_positive, check_static_int, declare_static
 

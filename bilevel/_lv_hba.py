@@ -35,7 +35,7 @@ from bilevel._base import (
   require_extra_args,
   upcast,
 )
-from bilevel._project import project_params
+from bilevel._projected_step import project_params
 from bilevel._wrappers import check_static_int, declare_static
 
 PyTree = Any

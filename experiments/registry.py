@@ -1,10 +1,17 @@
 """Registry: config names to optimizers, solvers and tasks.
 
-The only place where config sections become library objects. Each table maps
+The one place where config sections become optimizers and solvers: the
+training loop builds a run's solver here, and every task
+(``experiments/tasks/``) builds its own optimizers here too. Each table maps
 a name to a factory; an unknown name raises a ``ValueError`` that lists the
 valid ones.
+
+Tasks are named by their module in ``experiments.tasks`` and imported when
+first built: they import this registry, so importing them here would make a
+cycle (and a run imports only its own task).
 """
 
+import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -14,16 +21,9 @@ import ml_collections
 import optax
 
 import bilevel
-from experiments import (
-  biformer_classification,
-  hyper_cleaning,
-  lv_hba_toy,
-  moe_lm,
-  pruning,
-  svm,
-)
-from experiments import data as data_lib
 from experiments.task import Pipeline, Task
+
+ConfigLike = ml_collections.ConfigDict | Mapping[str, Any]
 
 
 def _lookup(table: Mapping[str, Any], name: str, what: str) -> Any:
@@ -31,6 +31,24 @@ def _lookup(table: Mapping[str, Any], name: str, what: str) -> Any:
     raise ValueError(
         f"Unknown {what} {name!r}; valid names: {', '.join(sorted(table))}")
   return table[name]
+
+
+# ----------------------------------------------------------------------------
+# Optimizers.
+
+
+SCHEDULES: dict[str, Callable[..., optax.ScalarOrSchedule]] = {
+    "constant": lambda cfg: cfg.lr,
+    "cosine": lambda cfg: optax.cosine_decay_schedule(
+        cfg.lr, max(cfg.decay_steps, 1)),
+}
+
+
+def _learning_rate(cfg: ml_collections.ConfigDict) -> optax.ScalarOrSchedule:
+  """``cfg.lr``, or its schedule ``cfg.schedule`` (``'cosine'``: decay to 0
+  over ``cfg.decay_steps``)."""
+  return _lookup(SCHEDULES, cfg.get("schedule", "constant"),
+                 "learning-rate schedule (config key 'schedule')")(cfg)
 
 
 def _adamw(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -53,18 +71,38 @@ def _adamw(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
 
 
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
-    "sgd": lambda cfg: optax.sgd(cfg.lr),
-    "momentum": lambda cfg: optax.sgd(cfg.lr, momentum=cfg.get("momentum",
-                                                                0.9)),
-    "adam": lambda cfg: optax.adam(cfg.lr),
+    "sgd": lambda cfg: optax.sgd(_learning_rate(cfg)),
+    "momentum": lambda cfg: optax.sgd(_learning_rate(cfg),
+                                      momentum=cfg.get("momentum", 0.9)),
+    "adam": lambda cfg: optax.adam(_learning_rate(cfg)),
     "adamw": _adamw,
 }
 
 
-def build_optimizer(
-    cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """An optax optimizer from ``{name, lr, ...}``."""
+def build_optimizer(cfg: ConfigLike) -> optax.GradientTransformation:
+  """An optax optimizer from ``{name, lr, ...}``.
+
+  Args:
+    cfg: a config section (or a plain mapping): ``name`` (a key of
+      ``OPTIMIZERS``), ``lr`` and the optimizer's own fields:
+      ``momentum`` (``'momentum'``, default 0.9), ``schedule`` (``'sgd'``,
+      ``'momentum'``, ``'adam'``: a key of ``SCHEDULES``, default
+      ``'constant'``; ``'cosine'`` reads ``decay_steps``), and ``adamw``'s
+      warm-up, decay and clipping fields (see ``_adamw``).
+
+  Returns:
+    The optimizer.
+
+  Raises:
+    ValueError: an unknown optimizer or schedule name.
+  """
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    cfg = ml_collections.ConfigDict(dict(cfg))
   return _lookup(OPTIMIZERS, cfg.name, "optimizer (config key 'name')")(cfg)
+
+
+# ----------------------------------------------------------------------------
+# Bilevel solvers.
 
 
 LINEAR_SOLVES: dict[str, Callable[..., Callable]] = {
@@ -77,10 +115,14 @@ LINEAR_SOLVES: dict[str, Callable[..., Callable]] = {
 }
 
 
+def build_linear_solve(cfg: ml_collections.ConfigDict) -> Callable:
+  """``solve(matvec, b)`` from ``{name, ridge | step, maxiter}``."""
+  return _lookup(LINEAR_SOLVES, cfg.name, "linear solve")(cfg)
+
+
 def _implicit(
     cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  solve = _lookup(LINEAR_SOLVES, cfg.linear_solve.name, "linear solve")(
-      cfg.linear_solve)
+  solve = build_linear_solve(cfg.linear_solve)
   return bilevel.implicit(
       build_optimizer(cfg.upper_optimizer),
       build_optimizer(cfg.inner_optimizer),
@@ -103,12 +145,24 @@ def _train(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
                            build_optimizer(cfg.optimizer))
 
 
+def _from_task(module: str, factory: str) -> Callable:
+  """``experiments.tasks.<module>.<factory>``, imported at the first call."""
+
+  def build(*args):
+    task_module = importlib.import_module(f"experiments.tasks.{module}")
+    return getattr(task_module, factory)(*args)
+
+  build.__qualname__ = build.__name__ = f"{module}.{factory}"
+  return build
+
+
 SOLVERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "train": _train,
     "implicit": _implicit,
     "unrolled": _unrolled,
-    "lv_hba": lv_hba_toy.solver_from_config,
-    "lv_hba_svm": svm.solver_from_config,
+    # A task's own solvers, for its projections and inner solvers.
+    "lv_hba": _from_task("lv_hba_toy", "solver_from_config"),
+    "lv_hba_svm": _from_task("svm", "solver_from_config"),
 }
 
 
@@ -118,50 +172,19 @@ def build_solver(
   return _lookup(SOLVERS, cfg.name, "solver (config key 'solver.name')")(cfg)
 
 
-def _hyper_cleaning(config: ml_collections.ConfigDict, key: jax.Array) -> Task:
-  # Four keys, the first unused: the split is what the recorded results
-  # (BENCHMARKS.md) were drawn with.
-  _, split_key, model_key, baseline_key = jax.random.split(key, 4)
-  dataset = data_lib.load_dataset(
-      config.data.name, config.data.data_dir or None)
-  splits = hyper_cleaning.make_noisy_splits(
-      split_key, dataset,
-      num_train=config.data.num_train,
-      num_val=config.data.num_val,
-      num_test=config.data.num_test or None,
-      noise_rate=config.data.noise_rate)
-  if config.data.standardize:
-    splits = hyper_cleaning.standardize_features(splits)
-  task = hyper_cleaning.build_task(
-      model_key, splits=splits,
-      hidden_sizes=tuple(config.model.hidden_sizes),
-      l2=config.problem.l2,
-      inner_batch_size=config.data.inner_batch_size or None,
-      outer_batch_size=config.data.outer_batch_size or None,
-      dtype=jnp.dtype(config.model.dtype))
-  if not config.eval.baselines:
-    return task
-
-  def evaluate(params: bilevel.Params) -> dict[str, float]:
-    baselines = hyper_cleaning.train_baselines(
-        baseline_key, splits,
-        hidden_sizes=tuple(config.model.hidden_sizes),
-        l2=config.problem.l2,
-        steps=config.eval.baseline_steps,
-        optimizer=build_optimizer(config.solver.inner_optimizer))
-    return {**task.evaluate(params), **baselines}
-
-  return task._replace(evaluate=evaluate)
+# ----------------------------------------------------------------------------
+# Tasks.
 
 
 TASKS: dict[str, Callable[[ml_collections.ConfigDict, jax.Array],
                           Task | Pipeline]] = {
-    "hyper_cleaning": _hyper_cleaning,
-    "cifar_pruning": pruning.pipeline_from_config,
-    "lv_hba_toy": lv_hba_toy.task_from_config,
-    "lv_hba_svm": svm.task_from_config,
-    "moe_lm": moe_lm.task_from_config,
-    "biformer_classification": biformer_classification.task_from_config,
+    "hyper_cleaning": _from_task("hyper_cleaning", "task_from_config"),
+    "cifar_pruning": _from_task("pruning", "pipeline_from_config"),
+    "lv_hba_toy": _from_task("lv_hba_toy", "task_from_config"),
+    "lv_hba_svm": _from_task("svm", "task_from_config"),
+    "moe_lm": _from_task("moe_lm", "task_from_config"),
+    "biformer_classification": _from_task("biformer_classification",
+                                          "task_from_config"),
 }
 
 

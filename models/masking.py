@@ -18,7 +18,10 @@ identity, so the scores are the relaxed mask ``m ∈ [0, 1]`` of the BiP paper,
 kept feasible by the solver's projection. A per-layer straight-through top-k
 can be injected as ``mask_fn``; a global top-k across layers (as in BiP's
 unstructured code) belongs outside the model, applied to the upper pytree of
-``models.split_levels`` before ``models.merge_levels``.
+``models.split_levels`` before ``models.merge_levels``. Masks kept outside
+the model, over a flat weight dict (layouts, magnitude, OMP and IMP masks,
+structured scores, global or per-layer top-k), are built in
+:mod:`models.mask_builders`.
 
 References:
   Zhang et al., "Advancing Model Pruning via Bi-level Optimization",

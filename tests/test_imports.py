@@ -2,6 +2,9 @@
 
 ``bilevel`` and ``kernels`` depend on nothing of ours; ``models`` and
 ``graphs`` may use ``kernels`` and ``bilevel``; ``experiments`` may use all.
+Inside ``experiments`` the platform (every module outside ``tasks/`` and
+``benchmarks/``) imports no task and no benchmark, and the tasks import no
+benchmark: benchmarks sit on tasks, tasks on the platform.
 """
 
 import ast
@@ -42,10 +45,54 @@ def test_dependency_direction(package):
   assert not violations, f"{package} may not import these: {violations}"
 
 
+# experiments/<room>/ may not import the modules named here.
+EXPERIMENTS_FORBIDDEN = {
+    "platform": ("experiments.tasks", "experiments.benchmarks"),
+    "tasks": ("experiments.benchmarks",),
+}
+
+
+def _imported_modules(path: pathlib.Path) -> set[str]:
+  """Dotted names an import may bind: ``from a import b`` gives a, a.b."""
+  tree = ast.parse(path.read_text(), filename=str(path))
+  names = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      names.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+      names.add(node.module)
+      names.update(f"{node.module}.{alias.name}" for alias in node.names)
+  return names
+
+
+def _experiments_room(path: pathlib.Path) -> str:
+  parts = path.relative_to(ROOT / "experiments").parts
+  return parts[0] if parts[0] in ("tasks", "benchmarks") else "platform"
+
+
+@pytest.mark.parametrize("room", sorted(EXPERIMENTS_FORBIDDEN))
+def test_experiments_platform_below_tasks(room):
+  forbidden = EXPERIMENTS_FORBIDDEN[room]
+  violations = {}
+  for path in sorted((ROOT / "experiments").rglob("*.py")):
+    if _experiments_room(path) != room:
+      continue
+    bad = sorted(m for m in _imported_modules(path)
+                 if any(m == f or m.startswith(f + ".") for f in forbidden))
+    if bad:
+      violations[str(path.relative_to(ROOT))] = bad
+  assert not violations, f"experiments {room} may not import: {violations}"
+
+
 def test_rule_catches_a_violation(tmp_path):
   bad = tmp_path / "bad.py"
   bad.write_text("from experiments import train\nimport models.mlp\n")
   assert _imported_packages(bad) == {"experiments", "models"}
+  task = tmp_path / "task.py"
+  task.write_text("from experiments import tasks\n"
+                  "from experiments.tasks import svm\n")
+  assert {"experiments.tasks", "experiments.tasks.svm"} <= _imported_modules(
+      task)
 
 
 @pytest.mark.parametrize("package", OURS)

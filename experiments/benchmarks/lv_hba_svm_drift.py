@@ -17,8 +17,9 @@ import tempfile
 import jax.numpy as jnp
 from absl import app, flags
 
-from experiments import svm, svm_problem, svm_solvers, train
+from experiments import train
 from experiments.configs import lv_hba_svm
+from experiments.tasks import svm, svm_problem, svm_solvers
 
 _SEEDS = flags.DEFINE_integer("seeds", 5, "Number of seeds (0, 1, ...).")
 

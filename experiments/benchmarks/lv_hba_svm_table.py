@@ -20,8 +20,8 @@ import numpy as np
 from absl import app, flags
 
 import bilevel
-from experiments import svm, svm_solvers
 from experiments.configs import lv_hba_svm
+from experiments.tasks import svm, svm_solvers
 
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "CIFAR-10 directory; empty"
                                 " skips CIFAR-10.")

@@ -23,7 +23,7 @@ import jax
 from absl import app, flags, logging
 
 import bilevel
-from experiments import cli, pruning, pruning_masks, train
+from experiments import cli, train
 from experiments.benchmarks import timing
 from experiments.configs import (
   bip_cifar10,
@@ -31,6 +31,8 @@ from experiments.configs import (
   imp_cifar10,
   omp_cifar10,
 )
+from experiments.tasks import pruning
+from models import mask_builders
 
 _ROOT = flags.DEFINE_string("root", None, "Directory of all the runs.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "The tiny smoke schedule.")
@@ -72,7 +74,7 @@ def _config(module, variant, sparsity, root: pathlib.Path, smoke: bool):
 
 def _imp_round(run_dir: pathlib.Path, config, target: float):
   """(name, step count through it) of the IMP round that reached target."""
-  schedule = pruning_masks.imp_schedule(tuple(config.imp.targets),
+  schedule = mask_builders.imp_schedule(tuple(config.imp.targets),
                                         config.imp.rate)
   for j, (kept, is_target) in enumerate(schedule, start=1):
     if is_target and abs(1 - kept - target) < 1e-9:

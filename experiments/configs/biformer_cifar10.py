@@ -36,6 +36,8 @@ Variants (comma-separated after a colon):
 
 import ml_collections
 
+from experiments.configs import parse_variants
+
 VARIANTS = ("smoke",)
 
 
@@ -94,11 +96,7 @@ def _smoke(config: ml_collections.ConfigDict) -> None:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config; ``arg`` is a comma-separated list of VARIANTS."""
-  variants = [v for v in (arg or "").split(",") if v]
-  unknown = sorted(set(variants) - set(VARIANTS))
-  if unknown:
-    raise ValueError(f"Unknown biformer_cifar10 variant(s) {unknown}; valid:"
-                     f" {VARIANTS}")
+  variants = parse_variants(arg, VARIANTS, "biformer_cifar10")
   config = base_config()
   config.model.update(depths=(2, 2, 4, 2), embed_dims=(32, 64, 128, 256),
                       n_win=2, topks=(1, 2, 2, -2), drop_path_rate=0.05)

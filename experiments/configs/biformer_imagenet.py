@@ -28,7 +28,7 @@ Variants (comma-separated after a colon; exactly one model):
 
 import ml_collections
 
-from experiments.configs import biformer_cifar10
+from experiments.configs import biformer_cifar10, parse_variants
 
 MODELS = {
     "tiny": dict(depths=(2, 2, 8, 2), embed_dims=(64, 128, 256, 512),
@@ -44,11 +44,7 @@ _IMAGENET_TRAIN = 1_281_167
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config; ``arg`` is a comma-separated list of VARIANTS."""
-  variants = [v for v in (arg or "").split(",") if v]
-  unknown = sorted(set(variants) - set(VARIANTS))
-  if unknown:
-    raise ValueError(f"Unknown biformer_imagenet variant(s) {unknown}; valid:"
-                     f" {VARIANTS}")
+  variants = parse_variants(arg, VARIANTS, "biformer_imagenet")
   models = [v for v in variants if v in MODELS]
   if len(models) != 1:
     raise ValueError(f"exactly one model of {tuple(MODELS)}, got {models}")

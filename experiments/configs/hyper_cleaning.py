@@ -24,16 +24,14 @@ Variants (comma-separated after a colon):
 
 import ml_collections
 
+from experiments.configs import parse_variants
+
 VARIANTS = ("smoke", "unrolled", "mnist5k", "cifar10")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config; ``arg`` is a comma-separated list of VARIANTS."""
-  variants = [v for v in (arg or "").split(",") if v]
-  unknown = sorted(set(variants) - set(VARIANTS))
-  if unknown:
-    raise ValueError(
-        f"Unknown hyper_cleaning variant(s) {unknown}; valid: {VARIANTS}")
+  variants = parse_variants(arg, VARIANTS, "hyper_cleaning")
 
   config = ml_collections.ConfigDict()
   config.task = "hyper_cleaning"

@@ -2,7 +2,7 @@ r"""LV-HBA on linear-SVM hyper-parameter optimisation and data hyper-cleaning.
 
 Upper level: one log-weight cᵢ per training example; lower level: the
 soft-margin SVM (w, b, ξ) with per-example margin constraints; outer loss: a
-smoothed validation 0-1 error (experiments/svm_problem.py). Default:
+smoothed validation 0-1 error (experiments/tasks/svm_problem.py). Default:
 scikit-learn's breast-cancer set (300 / 120 / 149), clean labels, LV-HBA.
 
 Run (from the repository root, no download):
@@ -20,22 +20,20 @@ Variants (comma-separated after a colon):
             relaxed (squared-hinge) lower level
 
 The grid-search baseline (one shared c) is
-experiments.svm_solvers.grid_search, run by
+experiments.tasks.svm_solvers.grid_search, run by
 experiments/benchmarks/lv_hba_svm_table.py with every method.
 """
 
 import ml_collections
+
+from experiments.configs import parse_variants
 
 VARIANTS = ("smoke", "cleaning", "cifar10", "implicit")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config; ``arg`` is a comma-separated list of VARIANTS."""
-  variants = [v for v in (arg or "").split(",") if v]
-  unknown = sorted(set(variants) - set(VARIANTS))
-  if unknown:
-    raise ValueError(
-        f"Unknown lv_hba_svm variant(s) {unknown}; valid: {VARIANTS}")
+  variants = parse_variants(arg, VARIANTS, "lv_hba_svm")
 
   config = ml_collections.ConfigDict()
   config.task = "lv_hba_svm"

@@ -17,16 +17,14 @@ Variants (comma-separated after a colon):
 
 import ml_collections
 
+from experiments.configs import parse_variants
+
 VARIANTS = ("smoke", "long")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config; ``arg`` is a comma-separated list of VARIANTS."""
-  variants = [v for v in (arg or "").split(",") if v]
-  unknown = sorted(set(variants) - set(VARIANTS))
-  if unknown:
-    raise ValueError(
-        f"Unknown lv_hba_toy variant(s) {unknown}; valid: {VARIANTS}")
+  variants = parse_variants(arg, VARIANTS, "lv_hba_toy")
 
   config = ml_collections.ConfigDict()
   config.task = "lv_hba_toy"

@@ -6,7 +6,7 @@ arithmetic is in ``models/moe_lm.py``), trained with AdamW on next-byte
 cross-entropy plus each method's router losses for a fixed token budget
 (``num_steps = token_budget // (batch_size · seq_len)``). The corpus is the
 running Python's standard-library source, built at run time
-(``experiments/text_corpus.py``).
+(``experiments/tasks/text_corpus.py``).
 
 Run (one variant; ``experiments/benchmarks/moe_lm_table.py`` runs all six):
 
@@ -27,6 +27,8 @@ Variants (comma-separated after a colon; at most one FFN):
 
 import ml_collections
 
+from experiments.configs import parse_variants
+
 FFN_VARIANTS = ("dense", "top2", "top_p", "expert_choice", "coe",
                 "dynmole_lora")
 VARIANTS = (*FFN_VARIANTS, "smoke")
@@ -34,10 +36,7 @@ VARIANTS = (*FFN_VARIANTS, "smoke")
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config; ``arg`` is a comma-separated list of VARIANTS."""
-  variants = [v for v in (arg or "").split(",") if v]
-  unknown = sorted(set(variants) - set(VARIANTS))
-  if unknown:
-    raise ValueError(f"Unknown moe_lm variant(s) {unknown}; valid: {VARIANTS}")
+  variants = parse_variants(arg, VARIANTS, "moe_lm")
   ffns = [v for v in variants if v in FFN_VARIANTS]
   if len(ffns) > 1:
     raise ValueError(f"at most one FFN variant, got {ffns}")

@@ -16,6 +16,8 @@ Variants (comma-separated after a colon):
 
 import ml_collections
 
+from experiments.configs import parse_variants
+
 VARIANTS = ("smoke", "structured", "resnet56")
 
 
@@ -35,11 +37,7 @@ def pruning_config(method: str, arg: str | None,
   Raises:
     ValueError: an unknown variant.
   """
-  variants = [v for v in (arg or "").split(",") if v]
-  unknown = sorted(set(variants) - set(VARIANTS))
-  if unknown:
-    raise ValueError(f"Unknown pruning variant(s) {unknown}; valid:"
-                     f" {VARIANTS}")
+  variants = parse_variants(arg, VARIANTS, "pruning")
   config = ml_collections.ConfigDict()
   config.task = "cifar_pruning"
   config.method = method

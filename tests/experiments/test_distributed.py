@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,9 +139,8 @@ def _resume_dir(source, target):
 
 
 def _assert_params_close(got, expected, what):
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected),
-                  strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=what)
+  chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6,
+                              custom_message=what)
 
 
 def test_two_processes_match_one_and_checkpoints_cross_over(tmp_path):

@@ -2,7 +2,7 @@ r"""CIFAR pruning pipelines: BiP, one-shot and iterative magnitude pruning.
 
 Every method starts from the same dense model (stage ``pretrain``), holds
 ``Params(upper=mask or scores, lower=weights)`` over the flat weight dict of
-:class:`~experiments.image_classification.Network`, and retrains with the
+:class:`~experiments.tasks.image_classification.Network`, and retrains with the
 same optimiser (SGD with momentum, cosine decay, weight decay ``γ``):
 
 * ``omp`` (one-shot magnitude pruning): keep the largest ``|θ|`` of the
@@ -20,7 +20,7 @@ same optimiser (SGD with momentum, cosine decay, weight decay ``γ``):
   first-order ablation.
 
 BatchNorm runs on batch statistics in training; evaluation recalibrates it
-on fixed training images (see ``experiments.image_classification``).
+on fixed training images (see ``experiments.tasks.image_classification``).
 """
 
 import zlib
@@ -33,9 +33,10 @@ from flax import nnx
 
 import bilevel
 from experiments import data as data_lib
-from experiments import image_classification as ic
-from experiments import pruning_masks as pm
+from experiments import registry
 from experiments.task import Pipeline, Stage
+from experiments.tasks import image_classification as ic
+from models import mask_builders as pm
 from models.resnet_cifar import ResNetCIFAR, SmallCNN
 
 METHODS = ("bip", "omp", "imp")
@@ -118,10 +119,12 @@ class _Setup:
             **pm.sparsity_report(self.layout, mask, weights)}
 
 
-def _sgd(cfg: ml_collections.ConfigDict, num_steps: int
+def _sgd(lr: float, momentum: float, num_steps: int
          ) -> optax.GradientTransformation:
-  schedule = optax.cosine_decay_schedule(cfg.lr, max(num_steps, 1))
-  return optax.sgd(schedule, momentum=cfg.momentum)
+  """SGD with momentum, ``lr`` cosine-decayed to 0 over ``num_steps``."""
+  return registry.build_optimizer(
+      {"name": "momentum", "lr": lr, "momentum": momentum,
+       "schedule": "cosine", "decay_steps": num_steps})
 
 
 def _train_solver(cfg, num_steps) -> optax.GradientTransformation:
@@ -129,7 +132,7 @@ def _train_solver(cfg, num_steps) -> optax.GradientTransformation:
   return bilevel.per_level(
       optax.set_to_zero(),
       optax.chain(optax.add_decayed_weights(cfg.weight_decay),
-                  _sgd(cfg, num_steps)))
+                  _sgd(cfg.lr, cfg.momentum, num_steps)))
 
 
 def _train_stage(setup: _Setup, name: str, cfg, init, *, evaluate=True,
@@ -143,18 +146,14 @@ def _train_stage(setup: _Setup, name: str, cfg, init, *, evaluate=True,
       workdir=workdir)
 
 
-def _magnitude_mask(setup: _Setup, params: bilevel.Params,
-                    kept: float) -> dict[str, jax.Array]:
-  scores = pm.magnitude_scores(setup.layout, params.upper, params.lower)
-  return pm.topk_mask(setup.layout, scores, kept)
-
-
 def _omp_stages(setup, config, pretrained: Callable) -> list[Stage]:
   kept = 1.0 - config.sparsity
 
   def init(finals):
     dense = pretrained(finals)
-    return bilevel.Params(_magnitude_mask(setup, dense, kept), dense.lower)
+    return bilevel.Params(
+        pm.magnitude_mask(setup.layout, dense.upper, dense.lower, kept),
+        dense.lower)
 
   return [_train_stage(setup, "finetune", config.finetune, init)]
 
@@ -171,7 +170,9 @@ def _imp_stages(setup, config, pretrained: Callable) -> list[Stage]:
       dense = pretrained(finals)
       last = finals[previous] if previous else dense
       # Prune by the trained weights' magnitudes, then rewind the weights.
-      return bilevel.Params(_magnitude_mask(setup, last, kept), dense.lower)
+      return bilevel.Params(
+          pm.magnitude_mask(setup.layout, last.upper, last.lower, kept),
+          dense.lower)
 
     stages.append(_train_stage(setup, name, cfg, init,
                                evaluate=is_target or j == len(schedule)))
@@ -183,10 +184,9 @@ def _bip_solver(setup: _Setup, config) -> optax.GradientTransformation:
   cfg = config.prune
   mask_fn = pm.straight_through_mask_fn(
       setup.layout, 1.0 - config.sparsity, setup.params_like.upper)
-  score_cfg = ml_collections.ConfigDict(
-      {"lr": cfg.mask_lr, "momentum": cfg.momentum})
   return bilevel.bip(
-      _sgd(score_cfg, cfg.num_steps), _sgd(cfg, cfg.num_steps),
+      _sgd(cfg.mask_lr, cfg.momentum, cfg.num_steps),
+      _sgd(cfg.lr, cfg.momentum, cfg.num_steps),
       gamma=cfg.gamma, relaxed=False, mask_fn=mask_fn,
       correction=cfg.correction, sequential=cfg.sequential)
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import moe_lm as task_lib
-from experiments import text_corpus, train
+from experiments import train
 from experiments.configs import moe_lm as moe_lm_config
+from experiments.tasks import moe_lm as task_lib
+from experiments.tasks import text_corpus
 from models import moe_lm
 
 SMALL = 300_000  # bytes of the smoke corpus

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import biformer_classification as task_lib
 from experiments import train
 from experiments.configs import biformer_cifar10, biformer_imagenet
+from experiments.tasks import biformer_classification as task_lib
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 CONFIG = "experiments/configs/biformer_cifar10.py"
 
 

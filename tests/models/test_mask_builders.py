@@ -1,11 +1,12 @@
 """Mask layouts, magnitude and top-k masks, the IMP schedule, sparsity."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import pruning_masks as pm
+from models import mask_builders as pm
 
 
 def _weights(seed=0):
@@ -89,6 +90,24 @@ def test_global_topk_keeps_the_largest_entries_across_layers():
     np.testing.assert_array_equal(
         np.asarray(mask[p]), (np.abs(np.asarray(w[p])) >= threshold))
   assert mask["bn.scale"].shape == () and float(mask["bn.scale"]) == 1.0
+
+
+@pytest.mark.parametrize("layout", [
+    pm.MaskLayout(),
+    pm.MaskLayout("filter", "per_layer", exclude=("head",)),
+])
+def test_magnitude_mask_is_topk_of_magnitudes_and_keeps_pruned_entries(
+    layout):
+  w = _weights()
+  dense = pm.ones_mask(layout, w)
+  first = pm.magnitude_mask(layout, dense, w, 0.5)
+  chex.assert_trees_all_equal(
+      first, pm.topk_mask(layout, pm.magnitude_scores(layout, dense, w), 0.5))
+  # An IMP round on the surviving weights: what was pruned stays pruned.
+  second = pm.magnitude_mask(layout, first, w, 0.25)
+  for p in pm.prunable_paths(layout, w):
+    assert not np.any(np.asarray(second[p])[np.asarray(first[p]) == 0])
+  chex.assert_trees_all_equal_shapes(second, dense)
 
 
 def test_per_layer_topk_keeps_the_fraction_of_each_layer():

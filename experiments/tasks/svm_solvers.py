@@ -1,4 +1,4 @@
-r"""Solvers and projections for the SVM problem of experiments/svm_problem.py.
+r"""Solvers and projections for the SVM problem of :mod:`.svm_problem`.
 
 The relaxed (squared-hinge) lower level by damped generalized Newton
 (:func:`solve_relaxed`, the implicit baseline's exact inner solver), the
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 import bilevel
-from experiments import svm_problem
+from experiments.tasks import svm_problem
 
 # ----------------------------------------------------------------------------
 # Feasibility: optimal slacks and projections onto the margin constraints.

@@ -19,10 +19,10 @@ The *relaxed* lower level eliminates ξ: at the optimum ``ξᵢ = max(0, 1 − m
 (``ξᵢ < 1 − mᵢ`` is infeasible, larger ξ only raises the objective), giving
 the smooth squared-hinge SVM ``½‖w‖² + ½ Σᵢ e^{cᵢ} max(0, 1 − mᵢ)²`` over
 ``(w, b)`` — the problem of the implicit-differentiation and grid-search
-baselines (solved in :mod:`experiments.svm_solvers`).
+baselines (solved in :mod:`experiments.tasks.svm_solvers`).
 
 Also :class:`SVMData`, the splits the problem is posed on (built by
-:func:`experiments.svm.make_data`), and the :func:`accuracy` metric.
+:func:`experiments.tasks.svm.make_data`), and the :func:`accuracy` metric.
 
 References:
   Yao, Yu, Zeng, Zhang, "Constrained Bi-Level Optimization: Proximal

@@ -3,10 +3,10 @@ r"""Linear-SVM hyper-parameter optimisation and data hyper-cleaning (LV-HBA §5)
 The task and config glue of the registry's ``'lv_hba_svm'`` entries: the
 binary splits (:func:`make_data`, breast cancer or two CIFAR-10 classes,
 labels partly flipped), the :class:`~experiments.task.Task` over the
-bilevel problem of :mod:`experiments.svm_problem` (constrained for LV-HBA,
+bilevel problem of :mod:`experiments.tasks.svm_problem` (constrained for LV-HBA,
 relaxed for implicit differentiation) and the solvers of the ``solver``
 config section, with the Newton inner solver and feasibility projections
-of :mod:`experiments.svm_solvers`.
+of :mod:`experiments.tasks.svm_solvers`.
 
 References:
   Yao, Yu, Zeng, Zhang, "Constrained Bi-Level Optimization: Proximal
@@ -25,8 +25,9 @@ import optax
 
 import bilevel
 from experiments import data as data_lib
-from experiments import evaluation, svm_problem, svm_solvers
+from experiments import evaluation, registry
 from experiments.task import Task
+from experiments.tasks import svm_problem, svm_solvers
 
 # ----------------------------------------------------------------------------
 # Data.
@@ -262,13 +263,6 @@ def task_from_config(config: ml_collections.ConfigDict, key: jax.Array
 # Solvers.
 
 
-def _optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  optimizers = {"sgd": optax.sgd, "adam": optax.adam}
-  if cfg.name not in optimizers:
-    raise ValueError(f"Unknown optimizer {cfg.name!r}; valid: sgd, adam")
-  return optimizers[cfg.name](cfg.lr)
-
-
 def _newton_solver(num_iters: int):
   def solve(upper, lower, batch):
     return svm_solvers.solve_relaxed(upper, lower, batch, num_iters=num_iters)
@@ -282,7 +276,8 @@ def solver_from_config(cfg: ml_collections.ConfigDict
   ``cfg.method`` is ``'lv_hba'`` or ``'implicit'``:
 
   ``'lv_hba'``: :func:`bilevel.lv_hba` with SGD(α) on the lower level and
-  ``cfg.upper_optimizer`` (SGD or Adam, its own step) on ``c``, followed by
+  ``cfg.upper_optimizer`` (e.g. SGD or Adam with its own step, from
+  :func:`experiments.registry.build_optimizer`) on ``c``, followed by
   :func:`svm_solvers.feasibility_projection` (``cfg.projection``,
   ``cfg.upper_box``).
   ``'implicit'``: :func:`bilevel.implicit` with Newton's method
@@ -290,15 +285,17 @@ def solver_from_config(cfg: ml_collections.ConfigDict
   ``cfg.inner_steps`` steps of ``cfg.inner_optimizer`` as the inner solver.
   """
   if cfg.method == "implicit":
+    upper = registry.build_optimizer(cfg.upper_optimizer)
     if cfg.inner_solver == "newton":
-      return bilevel.implicit(_optimizer(cfg.upper_optimizer), None, 0,
+      return bilevel.implicit(upper, None, 0,
                               inner_solver=_newton_solver(cfg.inner_steps))
-    return bilevel.implicit(_optimizer(cfg.upper_optimizer),
-                            _optimizer(cfg.inner_optimizer), cfg.inner_steps)
+    return bilevel.implicit(upper,
+                            registry.build_optimizer(cfg.inner_optimizer),
+                            cfg.inner_steps)
   if cfg.method != "lv_hba":
     raise ValueError(f"Unknown SVM solver method {cfg.method!r}; valid:"
                      " implicit, lv_hba")
-  upper = _optimizer(cfg.upper_optimizer)
+  upper = registry.build_optimizer(cfg.upper_optimizer)
   tx = bilevel.lv_hba(
       cfg.num_constraints, alpha=cfg.alpha, beta=cfg.beta, eta=cfg.eta,
       gamma1=cfg.gamma1, gamma2=cfg.gamma2, c=cfg.c, p=cfg.p,

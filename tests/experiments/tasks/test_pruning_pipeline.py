@@ -7,18 +7,20 @@ import json
 import pathlib
 import shutil
 
+import chex
 import jax
 import numpy as np
 import pytest
 
-from experiments import pruning, train
-from experiments import pruning_masks as pm
+from experiments import train
 from experiments.configs import (
   bip_cifar10,
   bip_first_order_cifar10,
   imp_cifar10,
   omp_cifar10,
 )
+from experiments.tasks import pruning
+from models import mask_builders as pm
 
 
 def _config(module, data_dir, pretrain_dir, variant="smoke", **overrides):
@@ -109,7 +111,7 @@ def test_an_interrupted_stage_resumes_bit_identically(runs, tmp_path):
   train.train_and_evaluate(config, workdir)
   resumed = train.load_params(workdir, config)
   original = train.load_params(runs["root"] / "bip", config)
-  jax.tree.map(np.testing.assert_array_equal, resumed, original)
+  chex.assert_trees_all_equal(resumed, original)
 
 
 def test_structured_bip_prunes_filters_per_layer_but_not_the_classifier(

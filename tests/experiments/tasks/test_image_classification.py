@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import image_classification as ic
+from experiments.tasks import image_classification as ic
 
 
 class _LinearBN(nnx.Module):
@@ -69,6 +69,15 @@ def test_accuracy_counts_every_example_of_a_ragged_last_batch():
   labels = jnp.asarray([0, 1, 1, 0, 1, 0, 1])
   expected = np.mean(logits.argmax(-1) == np.asarray(labels))
   assert ic.accuracy(network, weights, stats, x, labels, 3) == expected
+
+
+def test_bad_shapes_are_named():
+  with pytest.raises(AssertionError, match="rank"):
+    ic.augment(jax.random.key(0), jnp.zeros((5, 5, 2)))
+  with pytest.raises(AssertionError, match="rank"):
+    ic.cross_entropy(jnp.zeros((2, 3, 4)), jnp.zeros(2, jnp.int32))
+  with pytest.raises(AssertionError, match="shape"):
+    ic.cross_entropy(jnp.zeros((2, 4)), jnp.zeros((2, 1), jnp.int32))
 
 
 def test_missing_weights_are_named():

@@ -1,4 +1,4 @@
-"""Tests of the SVM experiments: experiments/svm{,_problem,_solvers}.py."""
+"""The SVM experiments: experiments/tasks/svm{,_problem,_solvers}.py."""
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import bilevel
-from experiments import svm, svm_problem, svm_solvers
 from experiments.configs import lv_hba_svm
+from experiments.tasks import svm, svm_problem, svm_solvers
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ r"""Byte-level language modelling with dense and routed-MoE FFNs.
 
 The task of the registry's ``'moe_lm'`` entry: a :class:`models.moe_lm.MoeLM`
 trained on next-byte prediction over the standard-library corpus of
-:mod:`experiments.text_corpus`. It is single-level: ``Params(upper={},
+:mod:`experiments.tasks.text_corpus`. It is single-level: ``Params(upper={},
 lower=model state)`` with the solver ``'train'`` (AdamW on the lower level),
 and the loss
 
@@ -18,7 +18,7 @@ variant does not define is an error.
 Evaluation (``evaluate(params)``, also after ``--mode=eval``):
 
 * ``val_loss`` (nats/byte) and ``val_bits_per_byte`` on a fixed set of
-  validation windows (:func:`~experiments.text_corpus.validation_batches`,
+  validation windows (:func:`~experiments.tasks.text_corpus.validation_batches`,
   the training batch size, so expert choice routes groups of the size it
   was trained on);
 * ``train_tokens_per_s``: tokens per second of the jitted loss gradient on a
@@ -49,8 +49,8 @@ from absl import logging
 from flax import nnx
 
 import bilevel
-from experiments import text_corpus
 from experiments.task import Task
+from experiments.tasks import text_corpus
 from models import moe_lm
 
 DYNAMIC_K = ("top_p", "expert_choice", "dynmole_lora")

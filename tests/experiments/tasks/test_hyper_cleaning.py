@@ -2,6 +2,7 @@
 
 import itertools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 import bilevel
 from experiments import data, evaluation
-from experiments import hyper_cleaning as hc
+from experiments.tasks import hyper_cleaning as hc
 
 STEPS = 300
 LOWER_OPT = optax.sgd(0.5)
@@ -112,7 +113,7 @@ def test_minibatches_are_deterministic_and_carry_indices(splits):
   first = task_a.batches(17)
   task_a.batches(3)
   again = task_b.batches(17)
-  jax.tree.map(np.testing.assert_array_equal, first, again)
+  chex.assert_trees_all_equal(first, again)
   inner = first["inner_batch"]
   assert inner["x"].shape == (64, 64) and first["outer_batch"]["y"].shape == (
       32,)

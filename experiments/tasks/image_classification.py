@@ -22,6 +22,7 @@ so pruning work recalibrates anyway.
 import dataclasses
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -153,7 +154,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array,
   """Mean softmax cross-entropy of ``logits`` ``[b, c]``, ``labels`` ``[b]``.
 
   With ``label_smoothing`` ``α > 0`` the target is ``(1 - α)·onehot + α/c``.
+
+  Raises:
+    AssertionError: ``logits`` is not ``[b, c]`` or ``labels`` not ``[b]``.
   """
+  chex.assert_rank(logits, 2)
+  chex.assert_shape(labels, logits.shape[:1])
   logits = logits.astype(jnp.float32)
   if not label_smoothing:
     return optax.softmax_cross_entropy_with_integer_labels(
@@ -172,7 +178,11 @@ def augment(key: jax.Array, images: jax.Array) -> jax.Array:
 
   Returns:
     ``[b, h, w, c]`` augmented images.
+
+  Raises:
+    AssertionError: ``images`` is not of rank 4.
   """
+  chex.assert_rank(images, 4)
   b, h, w, c = images.shape
   padded = jnp.pad(images, ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0)))
   k_offset, k_flip = jax.random.split(key)

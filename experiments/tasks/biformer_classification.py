@@ -3,9 +3,10 @@ r"""BiFormer image classification: the registry's ``'biformer_classification'``.
 A :class:`models.biformer.BiFormer` trained single-level (``Params(upper={},
 lower=weights)``, solver ``'train'``: AdamW with warm-up and cosine decay,
 the official recipe) on the cross-entropy of augmented images (4-pixel
-padded random crop and flip, :func:`experiments.image_classification.augment`)
-with optional label smoothing and the model's drop path. The weights are the
-flat dict of :class:`~experiments.image_classification.Network`.
+padded random crop and flip,
+:func:`experiments.tasks.image_classification.augment`) with optional label
+smoothing and the model's drop path. The weights are the flat dict of
+:class:`~experiments.tasks.image_classification.Network`.
 
 Each step's batch carries one key, split into the augmentation key and the
 drop-path (``'dropout'`` stream) key, so a resumed run replays the same
@@ -31,8 +32,8 @@ from flax import nnx
 
 import bilevel
 from experiments import data as data_lib
-from experiments import image_classification as ic
 from experiments.task import Task
+from experiments.tasks import image_classification as ic
 from models import biformer
 
 _NUM_STAGES = 4
@@ -40,7 +41,7 @@ _NUM_STAGES = 4
 
 class Classifier(nnx.Module):
   """A BiFormer called as ``model(x, train=..., key=...)`` (what
-  :class:`~experiments.image_classification.Network` calls).
+  :class:`~experiments.tasks.image_classification.Network` calls).
 
   ``train`` with a ``key``: BatchNorm on batch statistics and drop path from
   ``key``; ``train`` without one: batch statistics, no drop path (BatchNorm

@@ -1,8 +1,25 @@
-"""Pruning masks over a flat weight dict: layouts, magnitude and top-k masks.
+"""Pruning masks over a flat weight dict: layouts and mask builders.
 
-A *mask tree* has the keys of the weights ``{dotted.path: array}`` of
-:class:`experiments.image_classification.Network`. A prunable leaf (a conv or
-dense ``kernel``) holds scores or a ``{0, 1}`` mask of
+The one place for the masks of the pruning pipelines
+(``experiments/tasks/pruning.py``); the masked layers that hold their scores
+inside a model are in :mod:`models.masking`, whose :func:`score_shape` both
+share.
+
+* Layouts: :class:`MaskLayout` (mode, scope, excluded layers),
+  :func:`prunable_paths`, the dense masks :func:`ones_mask` and
+  :func:`dense_mask`, and :func:`apply_mask`.
+* Scores: :func:`magnitude_scores`, ``|m ⊙ θ|`` per weight (unstructured)
+  or its L1 norm per output filter / input channel (structured).
+* Builders: :func:`magnitude_mask` (one-shot magnitude pruning, OMP, and
+  each round of IMP), :func:`imp_schedule` (IMP's rounds and targets),
+  :func:`topk_mask` (a hard global or per-layer top-k) and
+  :func:`straight_through_mask_fn` (BiP's differentiable top-k).
+* Reports: :func:`sparsity_report`.
+
+A *mask tree* has the keys of a flat weight dict ``{dotted.path: array}``
+(the weights of an image classifier's ``nnx.Param`` leaves, as
+``experiments.tasks.image_classification.Network`` holds them). A prunable
+leaf (a conv or dense ``kernel``) holds scores or a ``{0, 1}`` mask of
 ``models.masking.score_shape(kernel.shape, mode)``: the kernel's shape
 (unstructured), one entry per output filter or per input channel
 (structured). Every other leaf (BatchNorm scale and bias, biases, excluded
@@ -154,6 +171,28 @@ def topk_mask(layout: MaskLayout, scores: Mapping[str, jax.Array],
               kept_fraction: float) -> Tree:
   """Hard ``{0, 1}`` mask of the largest scores (global or per layer)."""
   return _topk_fn(layout, kept_fraction, False, scores)(scores)
+
+
+def magnitude_mask(layout: MaskLayout, mask: Mapping[str, jax.Array],
+                   weights: Mapping[str, jax.Array],
+                   kept_fraction: float) -> Tree:
+  """Magnitude pruning: the hard mask of the largest ``|m ⊙ θ|``.
+
+  One-shot magnitude pruning (OMP) of the pretrained weights, and each IMP
+  round on the previous round's mask and trained weights.
+
+  Args:
+    layout: which weights are pruned, and in what groups.
+    mask: the current mask (the dense :func:`ones_mask` for OMP and IMP's
+      first round); pruned entries stay pruned.
+    weights: the weights ranked by magnitude.
+    kept_fraction: the fraction of mask entries kept, in ``(0, 1]``.
+
+  Returns:
+    The ``{0, 1}`` mask tree.
+  """
+  scores = magnitude_scores(layout, mask, weights)
+  return topk_mask(layout, scores, kept_fraction)
 
 
 def straight_through_mask_fn(
