@@ -39,7 +39,7 @@ SHAPES = {
 # Method keys: the ratio compares systems of one key and K.
 METHOD_NAMES = {"cg": "IFT + CG(10)", "identity": "H⁻¹≈I (darts)",
                 "neumann": "Neumann(10)", "unrolled": "unrolled",
-                "default": "implicit, default solve (MINRES)"}
+                "default": "implicit, default solve"}
 
 # name: (worker module, its method, method key).
 SYSTEMS = {
@@ -313,8 +313,7 @@ def table(rows, meta) -> str:
   lines += ["", "Matmul work: dots (XLA, read from the compiled HLO) or "
             "matmul flops (torch FlopCounterMode) per outer step, in units of "
             "one 2000×784×256 matmul (biroute's CG loop counted at its 10 "
-            "iterations; the default's MINRES loop, which stops on its "
-            "tolerance, once: a lower bound). AUROC: σ(c) for clean vs "
+            "iterations). AUROC: σ(c) for clean vs "
             "flipped after "
             f"{meta['auroc_steps']} outer steps. Versions: "
             + "; ".join(sorted({r["version"] for r in rows

@@ -100,8 +100,8 @@ def build(spec) -> worker_loop.System:
       "version": f"jax {jax.__version__}",
       "threads": (f"XLA CPU, {len(os.sched_getaffinity(0))} CPUs by "
                   "affinity, XLA_FLAGS=" + os.environ.get("XLA_FLAGS", "")),
-      # CG exactly 10 runs its while loop 10 times; MINRES stops on its
-      # tolerance, so its loop is counted once (a lower bound).
+      # CG exactly 10 runs its while loop 10 times (XLA cannot know it);
+      # the other solvers' loops have known trip counts.
       "matmul_work": hlo.matmul_work(
           text, unknown_trip_count=10 if spec["method"] == "cg" else 1),
       "hlo_ops": hlo.op_count(text),
