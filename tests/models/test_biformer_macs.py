@@ -1,7 +1,7 @@
 """Tests of models/macs.py: the counter itself and BiFormer-T/S/B at 224².
 
 The official "FLOPs" of the rayleizhu/BiFormer README (2.2 G / 4.5 G /
-9.8 G; 2.22 G / 4.46 G / 9.76 G in /work/shared/reference/biformer_darts.md
+9.8 G; 2.22 G / 4.46 G / 9.76 G in the reference note biformer_darts.md
 §1.4, matmul + conv MACs at batch 1, 224², fvcore convention) are
 multiply-accumulates of matmuls and convolutions only.
 """
