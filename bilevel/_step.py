@@ -143,12 +143,13 @@ def make_step(
   return step
 
 
+def _records_outer_loss(node) -> bool:
+  return hasattr(node, "_fields") and "outer_loss" in node._fields
+
+
 def _recorded_outer_loss(state, default):
   """The ``outer_loss`` field of the solver state inside ``state``, if any."""
-  found = jax.tree.leaves(
-      state, is_leaf=lambda n: hasattr(n, "_fields") and
-      "outer_loss" in n._fields)
-  for node in found:
-    if hasattr(node, "_fields") and "outer_loss" in node._fields:
+  for node in jax.tree.leaves(state, is_leaf=_records_outer_loss):
+    if _records_outer_loss(node):
       return node.outer_loss
   return default
