@@ -84,6 +84,9 @@ from bilevel._linear_solve import (
     solve_neumann,
     solve_normal_cg,
 )
+from bilevel._lisa import Lisa
+from bilevel._lisa import blocks_by_index as lisa_blocks_by_index
+from bilevel._lisa import frozen_aware as lisa_frozen_aware
 from bilevel._lv_hba import LVHBAState, lv_hba, scale_by_lv_hba
 from bilevel._masks import (
     binarize,
@@ -105,6 +108,13 @@ from bilevel._projections import (
     projection_polyhedron_with_info,
     projection_simplex,
 )
+from bilevel._scalebio import (
+    ScaleBiOState,
+    per_source_means,
+    scale_by_scalebio,
+    scalebio,
+    source_weighted_loss,
+)
 from bilevel._step import make_step
 from bilevel._unrolled import UnrolledState, scale_by_unrolled, unrolled
 from bilevel._wrappers import (
@@ -123,10 +133,12 @@ __all__ = (
     "DykstraInfo",
     "ImplicitState",
     "LVHBAState",
+    "Lisa",
     "OuterGradsNotUsed",
     "Params",
     "PerLevelState",
     "Problem",
+    "ScaleBiOState",
     "SequentialBiPState",
     "UnrolledState",
     "accumulate",
@@ -143,10 +155,13 @@ __all__ = (
     "inject_hyperparams",
     "kkt_optimality_fn",
     "linear_solve_residual",
+    "lisa_blocks_by_index",
+    "lisa_frozen_aware",
     "lv_hba",
     "make_step",
     "mean_over_chunks",
     "per_level",
+    "per_source_means",
     "project_params",
     "projection_box",
     "projection_capped_simplex",
@@ -162,7 +177,9 @@ __all__ = (
     "scale_by_bip",
     "scale_by_implicit",
     "scale_by_lv_hba",
+    "scale_by_scalebio",
     "scale_by_unrolled",
+    "scalebio",
     "solve_bicgstab",
     "solve_cg",
     "solve_gmres",
@@ -171,6 +188,7 @@ __all__ = (
     "solve_minres",
     "solve_neumann",
     "solve_normal_cg",
+    "source_weighted_loss",
     "straight_through_topk",
     "straight_through_topk_per_leaf",
     "topk_mask",

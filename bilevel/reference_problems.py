@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from bilevel._base import Params, Problem
+from bilevel._scalebio import source_weighted_loss
 
 PyTree = Any
 
@@ -200,6 +201,67 @@ def r3(key, n=40, d=8, dtype=jnp.float32) -> ReferenceProblem:
       hypergradient=hypergradient,
       lower_solution=lower_solution,
       upper_optimum=None)
+
+
+def _r4_inner(logits, w, b):
+  losses = 0.5 * jnp.sum((w[None, :] - b["centres"]) ** 2, axis=-1)
+  return source_weighted_loss(losses, b["sources"], logits)
+
+
+def _r4_outer(logits, w, b):
+  del logits
+  return 0.5 * jnp.sum((w - b["target"]) ** 2)
+
+
+def r4(key, num_sources=4, dim=6, weights=(0.4, 0.3, 0.2, 0.1),
+       dtype=jnp.float32) -> ReferenceProblem:
+  r"""R4, K-source data reweighting (ScaleBiO), weights ``softmax(p)``.
+
+  Source ``k`` has the loss ``½‖w − c_k‖²`` (one example per source in the
+  inner batch, weighted by :func:`bilevel.source_weighted_loss`), so
+  ``L₂(w, λ) = Σ λ_k ½‖w − c_k‖²`` and ``w*(λ) = Σ λ_k c_k``; the outer loss
+  is ``½‖w − c_val‖²`` with ``c_val = Σ λ°_k c_k``. With the ``c_k``
+  linearly independent (``K ≤ dim``) the optimum is ``λ* = λ°`` with
+  ``Φ* = 0``; in logits ``x* = log λ° − mean(log λ°)`` (the shift that
+  gradient steps from ``p = 0`` keep). ``∂Φ/∂λ_k = (w* − c_val)ᵀ(c_k −
+  w*)`` and ``∇_p Φ = (diag λ − λλᵀ) ∇_λ Φ``.
+
+  Args:
+    key: PRNG key.
+    num_sources: ``K``.
+    dim: dimension of ``w``.
+    weights: ``λ°``, positive, on the simplex, length ``K``.
+    dtype: dtype of the data and of ``init``.
+  """
+  wide = _wide(dtype)
+  target_weights = jnp.asarray(weights, wide)
+  if target_weights.shape != (num_sources,) or num_sources > dim:
+    raise ValueError(f"need len(weights) == num_sources <= dim, got "
+                     f"{len(weights)=}, {num_sources=}, {dim=}")
+  centres = jax.random.normal(key, (num_sources, dim), wide)
+  target = target_weights @ centres
+  inner = {"centres": centres.astype(dtype),
+           "sources": jnp.arange(num_sources, dtype=jnp.int32)}
+  outer = {"target": target.astype(dtype)}
+  c, t = inner["centres"].astype(wide), outer["target"].astype(wide)
+
+  def lower_solution(logits):
+    return jax.nn.softmax(jnp.asarray(logits, wide)) @ c
+
+  def hypergradient(logits):
+    lam = jax.nn.softmax(jnp.asarray(logits, wide))
+    w = lam @ c
+    grad_lam = (c - w) @ (w - t)
+    return lam * grad_lam - lam * (lam @ grad_lam)
+
+  log_w = jnp.log(target_weights)
+  return ReferenceProblem(
+      problem=Problem(_r4_outer, _r4_inner),
+      init=Params(jnp.zeros([num_sources], dtype), jnp.zeros([dim], dtype)),
+      batches=_batches(outer, inner),
+      hypergradient=hypergradient,
+      lower_solution=lower_solution,
+      upper_optimum=(log_w - jnp.mean(log_w)).astype(dtype))
 
 
 def r9(key, dim=5, dtype=jnp.float32) -> ReferenceProblem:

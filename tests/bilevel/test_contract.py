@@ -86,6 +86,12 @@ def _bip_kwargs(sequential, lower_steps=1):
   return kwargs
 
 
+def _scalebio_kwargs(p, upper):
+  del p
+  return dict(alpha=10.0, upper_optimizer=upper or optax.sgd(1.0),
+              lower_optimizer=optax.sgd(1 / 11), copy_optimizer=optax.sgd(0.1))
+
+
 def _sgd_pair(upper_lr, lower_lr):
   return bilevel.per_level(optax.sgd(upper_lr), optax.sgd(lower_lr))
 
@@ -142,6 +148,19 @@ SOLVERS = (
                          _sgd_pair(0.1, 0.5)),
         hyper=("gamma", 0.3),
     ),
+    # R4 is realisable (Φ* = 0), so the penalty has no bias at the optimum.
+    SolverCase(
+        name="scalebio",
+        factory=bilevel.scalebio,
+        kwargs=_scalebio_kwargs,
+        required=("inner_loss",),
+        steps=1000,
+        problems=("r4",),
+        parts=lambda p: (bilevel.scale_by_scalebio(10.0, optax.sgd(0.1)),
+                         _sgd_pair(1.0, 1 / 11)),
+        hyper=("alpha", 20.0),
+        uses_outer_grads=True,
+    ),
     # One mask step every second θ-step (the lax.cond path of the IG).
     SolverCase(
         name="bip_lower_steps2",
@@ -166,6 +185,10 @@ def _r2(dtype=jnp.float32, dim=16):
 _PROBLEMS = {
     "r1": lambda dtype: reference_problems.r1(dtype=dtype),
     "r2": _r2,
+    "r4": lambda dtype: reference_problems.r4(
+        jax.random.key(0), num_sources=8, dim=16,
+        weights=(0.16, 0.15, 0.14, 0.13, 0.12, 0.11, 0.10, 0.09),
+        dtype=dtype),
     "masked_regression": lambda dtype: reference_problems.masked_regression(
         jax.random.key(0), dim=16, k=4, dtype=dtype),
 }

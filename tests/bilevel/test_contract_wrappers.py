@@ -101,7 +101,8 @@ def test_accumulate_averages_directions(case):
   d2, _ = directions.update(grads, state, ref.init, **extra)
   mean = jax.tree.map(lambda a, b: (a + b) / 2, d1, d2)
   want, _ = optimizer.update(mean, optimizer.init(ref.init), ref.init)
-  _close()(after_two, optax.apply_updates(ref.init, want))
+  # Jitted against eager float32 sums: the order of the adds differs.
+  _close(rtol=1e-5)(after_two, optax.apply_updates(ref.init, want))
 
 
 @pytest.mark.parametrize("case", SOLVERS, ids=IDS)
@@ -143,7 +144,9 @@ def test_inject_hyperparams(case):
   injected = bilevel.inject_hyperparams(case.factory)(**kwargs)
   want, _, _ = _steps(case.make(problem_name), ref, 2)
   got, state, _ = _steps(injected, ref, 2)
-  _close()(got, want)
+  # A traced hyperparameter is not constant-folded: float32 rounding differs
+  # (most in ScaleBiO's d_p, a difference of two nearly equal gradients).
+  _close(atol=1e-6)(got, want)
   if case.hyper is None:
     return
   # Changing the injected value equals a step of the solver built with it,
@@ -219,7 +222,11 @@ def test_clear_errors_for_bad_params_and_batches(case):
 
 @pytest.mark.parametrize("case", SOLVERS, ids=IDS)
 def test_meta_gradient_through_steps_matches_finite_differences(case):
-  """d/d(upper lr) of F after two make_step calls, against float64 FD."""
+  """d/d(upper lr) of F after three make_step calls, against float64 FD.
+
+  Three: a solver whose first upper direction is zero at the init (ScaleBiO
+  starts with u = w, so d_p = 0) needs two steps before F depends on it.
+  """
   problem_name = case.problems[0]
   with jax.enable_x64(True):
     ref = _problem(problem_name, jnp.float64)
@@ -228,7 +235,7 @@ def test_meta_gradient_through_steps_matches_finite_differences(case):
       tx = case.make(problem_name, optax.sgd(lr))
       step = bilevel.make_step(tx, ref.problem, jit=False)
       params, state = ref.init, tx.init(ref.init)
-      for _ in range(2):
+      for _ in range(3):
         params, state, _ = step(params, state, ref.batches)
       return ref.problem.outer_loss(params.upper, params.lower,
                                     ref.batches["outer_batch"])
