@@ -120,6 +120,7 @@ class ScaleBiOState(NamedTuple):
     inner_loss: float32 scalar, ``L₂(w, λ; B)`` at the input.
     lower_gap: float32 scalar, ``L₂(w, λ; B) − L₂(u, λ; B)`` at the input
       (the penalty bracket; ``≥ 0`` once ``u`` tracks ``w*(λ)``).
+    weights: float32 ``[K]``, ``λ = softmax(p)`` at the input (for logs).
   """
   copy: PyTree
   copy_opt_state: optax.OptState
@@ -130,6 +131,7 @@ class ScaleBiOState(NamedTuple):
   model_blocks: jax.Array | None
   inner_loss: jax.Array
   lower_gap: jax.Array
+  weights: jax.Array
 
 
 def _alpha_at(alpha, count):
@@ -203,9 +205,13 @@ def scale_by_scalebio(
         lambda: jnp.zeros([lisa.num_blocks], bool))
     key = None if lisa is None else jax.random.key_data(
         jax.random.key(seed))
+    if jnp.ndim(params.upper) != 1:
+      raise ValueError("scalebio: params.upper must be the source logits p"
+                       f" [K], got shape {jnp.shape(params.upper)}")
+    weights = jax.nn.softmax(jnp.asarray(params.upper, jnp.float32))
     return ScaleBiOState(copy, copy_optimizer.init(copy),
                          jnp.zeros([], jnp.int32), scalar(), key, blocks(),
-                         blocks(), scalar(), scalar())
+                         blocks(), scalar(), scalar(), weights)
 
   def update_fn(outer_grads, state, params=None, **extra_args):
     params = check_params(params, "scalebio")
@@ -238,7 +244,8 @@ def scale_by_scalebio(
         count=optax.safe_int32_increment(state.count), alpha=alpha_k,
         key=state.key, copy_blocks=copy_blocks, model_blocks=model_blocks,
         inner_loss=jnp.asarray(l2_w, jnp.float32),
-        lower_gap=jnp.asarray(l2_w - l2_u, jnp.float32))
+        lower_gap=jnp.asarray(l2_w - l2_u, jnp.float32),
+        weights=jax.nn.softmax(jnp.asarray(p, jnp.float32)))
     return cast_like(Params(d_p, d_w), params), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

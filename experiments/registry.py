@@ -163,6 +163,7 @@ SOLVERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     # A task's own solvers, for its projections and inner solvers.
     "lv_hba": _from_task("lv_hba_toy", "solver_from_config"),
     "lv_hba_svm": _from_task("svm", "solver_from_config"),
+    "scalebio": _from_task("data_reweighting", "solver_from_config"),
 }
 
 
@@ -183,6 +184,8 @@ TASKS: dict[str, Callable[[ml_collections.ConfigDict, jax.Array],
     "lv_hba_toy": _from_task("lv_hba_toy", "task_from_config"),
     "lv_hba_svm": _from_task("svm", "task_from_config"),
     "moe_lm": _from_task("moe_lm", "task_from_config"),
+    "data_reweighting": _from_task("data_reweighting",
+                                   "pipeline_from_config"),
     "biformer_classification": _from_task("biformer_classification",
                                           "task_from_config"),
 }

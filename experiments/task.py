@@ -55,6 +55,10 @@ class Stage(NamedTuple):
     params_like: this stage's params structure when it differs from the
       pipeline's ``params_like`` (e.g. a shared stage that must not depend
       on the options of the pipelines sharing it), else None.
+    batches_from: ``batches_from(finals) -> batches``, for a stage whose
+      data depend on earlier stages' results (e.g. a training set resampled
+      by learned weights); replaces ``batches`` when given. It is called
+      on a resumed run too, with the earlier stages' restored params.
   """
   name: str
   solver: optax.GradientTransformation
@@ -66,6 +70,8 @@ class Stage(NamedTuple):
   workdir: str | None = None
   step_kind: str = "train"
   params_like: bilevel.Params | None = None
+  batches_from: Callable[[Mapping[str, bilevel.Params]],
+                         Callable[[int], dict[str, Any]]] | None = None
 
 
 class Pipeline(NamedTuple):

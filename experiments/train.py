@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from flax import nnx
 
 from experiments import checkpointing, config_checks, distributed, registry
 from experiments import metrics as metrics_lib
@@ -57,14 +58,28 @@ def _train_state(params, solver_state, step, key):
   }
 
 
+# Solver-state vectors logged entry by entry (ScaleBiO's source weights).
+_LOGGED_VECTORS = frozenset({"weights"})
+
+
 def _diagnostics(solver_state) -> dict[str, float]:
-  """Scalar floating leaves of the solver state, named by their field."""
+  """Floating fields of the solver state: scalars by their field's name,
+  the vectors named in ``_LOGGED_VECTORS`` as ``<field>/<i>``."""
   out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(solver_state)[0]:
+  # Model-shaped state (optimizer moments of nnx params) is not a metric:
+  # its nnx.Variable leaves are skipped whole.
+  leaves = jax.tree_util.tree_flatten_with_path(
+      solver_state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+  for path, leaf in leaves:
     last = path[-1] if path else None
-    if (isinstance(last, jax.tree_util.GetAttrKey) and jnp.ndim(leaf) == 0
+    if isinstance(leaf, nnx.Variable) or not (
+        isinstance(last, jax.tree_util.GetAttrKey)
         and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)):
+      continue
+    if jnp.ndim(leaf) == 0:
       out[last.name] = leaf
+    elif jnp.ndim(leaf) == 1 and last.name in _LOGGED_VECTORS:
+      out.update({f"{last.name}/{i}": leaf[i] for i in range(leaf.size)})
   return out
 
 
@@ -235,8 +250,10 @@ def _run_pipeline(config, pipeline: Pipeline, workdir: pathlib.Path,
   for stage in pipeline.stages:
     directory = _stage_directory(stage, workdir)
     start = time.perf_counter()
+    batches = (stage.batches if stage.batches_from is None
+               else stage.batches_from(finals))
     finals[stage.name] = _train_loop(
-        config, stage.solver, stage.problem, stage.batches, stage.num_steps,
+        config, stage.solver, stage.problem, batches, stage.num_steps,
         directory, lambda stage=stage: stage.init(finals), train_key,
         params_like=_params_like(stage, pipeline))
     logging.info("stage %s: %d steps done (%.1f s in this process)",
