@@ -90,12 +90,18 @@ def source_files(root: str) -> list[str]:
   return sorted(paths)
 
 
+def file_fraction(path: str) -> float:
+  """``crc32(path) / 2³²`` in ``[0, 1)``: a file's split coordinate."""
+  return zlib.crc32(path.encode()) / 2.0**32
+
+
 def is_validation_file(path: str, val_fraction: float) -> bool:
   """Whether ``path`` belongs to the validation split: ``crc32 / 2³² < v``."""
-  return zlib.crc32(path.encode()) / 2.0**32 < val_fraction
+  return file_fraction(path) < val_fraction
 
 
-def _join(chunks: list[bytes]) -> np.ndarray:
+def join_documents(chunks: list[bytes]) -> np.ndarray:
+  """Read-only uint8 ``[n]``: each chunk followed by the NUL separator."""
   sep = bytes([SEPARATOR])
   data = np.frombuffer(b"".join(c + sep for c in chunks), np.uint8).copy()
   data.flags.writeable = False
@@ -150,11 +156,12 @@ def load_corpus(root: str | None = None, *, max_bytes: int = 8_000_000,
     raise ValueError(
         f"{root!r} with {max_bytes=} gives {len(train_names)} training and"
         f" {len(val_names)} validation files; raise max_bytes")
-  return TextCorpus(_join(train_chunks), _join(val_chunks),
+  return TextCorpus(join_documents(train_chunks), join_documents(val_chunks),
                     tuple(train_names), tuple(val_names), digest.hexdigest())
 
 
-def _check_window(tokens: np.ndarray, seq_len: int, split: str) -> None:
+def check_window(tokens: np.ndarray, seq_len: int, split: str) -> None:
+  """Raises ``ValueError`` if ``tokens`` is shorter than one window."""
   if seq_len < 1 or len(tokens) < seq_len + 1:
     raise ValueError(f"the {split} split has {len(tokens)} bytes, too few for"
                      f" windows of seq_len + 1 = {seq_len + 1}")
@@ -180,7 +187,7 @@ def train_batches(key: jax.Array, tokens: np.ndarray, batch_size: int,
   Raises:
     ValueError: the split is shorter than one window.
   """
-  _check_window(tokens, seq_len, "training")
+  check_window(tokens, seq_len, "training")
   data = jnp.asarray(tokens)
   offsets = jnp.arange(seq_len + 1, dtype=jnp.int32)
 
@@ -214,7 +221,7 @@ def validation_batches(tokens: np.ndarray, batch_size: int, seq_len: int,
   Raises:
     ValueError: the split is shorter than one window.
   """
-  _check_window(tokens, seq_len, "validation")
+  check_window(tokens, seq_len, "validation")
   count = num_batches * batch_size
   last = len(tokens) - seq_len - 1
   starts = (np.arange(count, dtype=np.int64) * last) // max(count - 1, 1)
