@@ -49,9 +49,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   config.data.corpus_dir = ""  # "": the running Python's stdlib.
-  config.data.max_bytes = 4_000_000
+  config.data.max_bytes = 1_000_000  # of docstring prose, all splits
   config.data.levels = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
   config.data.num_noise = 2
+  # Corrupted and noise bytes drawn from the clean prose's byte frequencies:
+  # uniform bytes (mostly >= 128, absent from prose) would mark noise by
+  # value alone.
+  config.data.replacement = "unigram"
   config.data.val_fraction = 0.1
   config.data.test_fraction = 0.1
   config.data.batch_size = 32  # stratified: 4 windows of each of 8 sources
@@ -115,7 +119,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def _smoke(config):
-  config.data.max_bytes = 1_000_000
+  config.data.max_bytes = 300_000
   config.data.batch_size = 16
   config.data.val_batch_size = 8
   config.data.seq_len = 16

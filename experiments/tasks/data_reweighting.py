@@ -193,7 +193,7 @@ def corpus_from_config(config) -> source_corpus.SourceCorpus:
       d.corpus_dir or None, max_bytes=d.max_bytes,
       levels=tuple(float(x) for x in d.levels), num_noise=d.num_noise,
       seed=config.seed, val_fraction=d.val_fraction,
-      test_fraction=d.test_fraction)
+      test_fraction=d.test_fraction, replacement=d.replacement)
 
 
 def _weights_stage(config, corpus, graphdef, lower, keys, windows):

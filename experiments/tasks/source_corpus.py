@@ -23,8 +23,11 @@ arguments:
 3. **Sources**, ``K = len(levels) + num_noise`` of them, in this order: a
    corruption ladder, copies of the train prose with exactly
    ``round(c · n)`` bytes (positions drawn without replacement) replaced by
-   uniform bytes in ``[1, 255]`` for each level ``c``, then ``num_noise``
-   sources of ``n`` uniform bytes in ``[1, 255]``. Replacements are never 0,
+   random bytes for each level ``c``, then ``num_noise`` sources of ``n``
+   random bytes; random bytes are uniform in ``[1, 255]`` or, with
+   ``replacement='unigram'``, drawn from the train prose's byte
+   frequencies (a corruption the byte values alone do not give away).
+   Replacements are never 0,
    the separator, but a replaced separator is lost, so ``c = 1`` is noise.
    Ladder copy ``i`` draws from ``numpy.random.default_rng([seed, 0, i])``
    and noise source ``j`` from ``default_rng([seed, 1, j])``.
@@ -58,6 +61,7 @@ import numpy as np
 from experiments.tasks import text_corpus
 
 DEFAULT_LEVELS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+REPLACEMENTS = ("uniform", "unigram")
 _DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 _LADDER, _NOISE = 0, 1  # the second word of each source's numpy seed
 
@@ -198,8 +202,25 @@ def _prose(root: str, max_bytes: int, val_fraction: float,
   return ProseSplits(*arrays, *map(tuple, names), digest.hexdigest())
 
 
-def corrupt(data: np.ndarray, level: float, seed: int,
-            index: int) -> tuple[np.ndarray, np.ndarray]:
+def _replacements(rng: np.random.Generator, size: int,
+                  probs: np.ndarray | None) -> np.ndarray:
+  if probs is None:
+    return rng.integers(1, 256, size=size, dtype=np.uint8)
+  return rng.choice(256, size=size, p=probs).astype(np.uint8)
+
+
+def unigram(data: np.ndarray) -> np.ndarray:
+  """Byte frequencies ``[256]`` of ``data``, the separator (0) excluded."""
+  counts = np.bincount(data, minlength=256).astype(np.float64)
+  counts[text_corpus.SEPARATOR] = 0.0
+  if not counts.sum():
+    raise ValueError("no byte but the separator to take frequencies from")
+  return counts / counts.sum()
+
+
+def corrupt(data: np.ndarray, level: float, seed: int, index: int,
+            probs: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
   """Rung ``index`` of the ladder: ``round(level · n)`` bytes replaced.
 
   Args:
@@ -207,25 +228,30 @@ def corrupt(data: np.ndarray, level: float, seed: int,
     level: ``c`` in ``[0, 1]``, the fraction of positions replaced.
     seed: the ladder's seed.
     index: the rung; the generator is ``default_rng([seed, 0, index])``.
+    probs: ``[256]`` probabilities of the replacement bytes (0 for the
+      separator), e.g. :func:`unigram` of the clean text; None: uniform in
+      ``[1, 255]``.
 
   Returns:
     ``(copy, positions)``: read-only uint8 ``[n]`` and the sorted int64
     ``[round(c · n)]`` replaced positions (a replacement may equal the
-    original byte, with probability 1/255).
+    original byte: with probability 1/255 for uniform replacements).
   """
   rng = np.random.default_rng([seed, _LADDER, index])
   positions = rng.choice(len(data), size=round(level * len(data)),
                          replace=False)
   copy = np.array(data, np.uint8)
-  copy[positions] = rng.integers(1, 256, size=len(positions), dtype=np.uint8)
+  copy[positions] = _replacements(rng, len(positions), probs)
   copy.flags.writeable = False
   return copy, np.sort(positions)
 
 
-def noise(length: int, seed: int, index: int) -> np.ndarray:
-  """Noise source ``index``: read-only uint8 ``[length]`` in ``[1, 255]``."""
+def noise(length: int, seed: int, index: int,
+          probs: np.ndarray | None = None) -> np.ndarray:
+  """Noise source ``index``: read-only uint8 ``[length]``, i.i.d. bytes from
+  ``probs`` (None: uniform in ``[1, 255]``)."""
   rng = np.random.default_rng([seed, _NOISE, index])
-  data = rng.integers(1, 256, size=length, dtype=np.uint8)
+  data = _replacements(rng, length, probs)
   data.flags.writeable = False
   return data
 
@@ -250,7 +276,8 @@ def build_source_corpus(root: str | None = None, *,
                         levels: Sequence[float] = DEFAULT_LEVELS,
                         num_noise: int = 2, seed: int = 0,
                         val_fraction: float = 0.1,
-                        test_fraction: float = 0.1) -> SourceCorpus:
+                        test_fraction: float = 0.1,
+                        replacement: str = "uniform") -> SourceCorpus:
   """Builds (once per arguments, cached) the corpus described above.
 
   Args:
@@ -261,6 +288,11 @@ def build_source_corpus(root: str | None = None, *,
     seed: non-negative seed of the corruption and the noise.
     val_fraction: expected fraction of files in the validation split.
     test_fraction: expected fraction of files in the test split.
+    replacement: the distribution of corrupted and noise bytes,
+      ``'uniform'`` in ``[1, 255]`` or ``'unigram'``, the train prose's own
+      byte frequencies (:func:`unigram`): corruption that a model cannot
+      spot from the byte values alone (prose is nearly all ASCII, so a
+      uniform byte ≥ 128 marks noise).
 
   Returns:
     The :class:`SourceCorpus`.
@@ -271,22 +303,26 @@ def build_source_corpus(root: str | None = None, *,
   """
   levels = tuple(float(c) for c in levels)
   _check_sources(levels, num_noise, seed)
+  if replacement not in REPLACEMENTS:
+    raise ValueError(f"replacement={replacement!r}: one of {REPLACEMENTS}")
   return _build(root, max_bytes, levels, num_noise, seed, val_fraction,
-                test_fraction)
+                test_fraction, replacement)
 
 
 @functools.lru_cache(maxsize=4)
 def _build(root, max_bytes, levels, num_noise, seed, val_fraction,
-           test_fraction) -> SourceCorpus:
+           test_fraction, replacement="uniform") -> SourceCorpus:
   prose = prose_splits(root, max_bytes=max_bytes, val_fraction=val_fraction,
                        test_fraction=test_fraction)
   n = len(prose.train)
-  sources = tuple(corrupt(prose.train, c, seed, i)[0]
+  probs = unigram(prose.train) if replacement == "unigram" else None
+  sources = tuple(corrupt(prose.train, c, seed, i, probs)[0]
                   for i, c in enumerate(levels))
-  sources += tuple(noise(n, seed, j) for j in range(num_noise))
+  sources += tuple(noise(n, seed, j, probs) for j in range(num_noise))
   names = tuple(f"corrupt_{c}" for c in levels) + tuple(
       f"noise_{j}" for j in range(num_noise))
-  config = (val_fraction, test_fraction, levels, num_noise, seed)
+  config = (val_fraction, test_fraction, levels, num_noise, seed,
+            replacement)
   fingerprint = hashlib.sha256(
       f"{prose.fingerprint} {config!r}".encode()).hexdigest()
   return SourceCorpus(sources, names, levels + (1.0,) * num_noise,

@@ -310,3 +310,18 @@ def test_evaluation_windows_tile_the_held_out_splits(corpus):
   np.testing.assert_array_equal(windows[0, 0], corpus.test[:33])
   last = corpus.test[-33:]
   np.testing.assert_array_equal(windows[-1, -1], last)
+
+
+def test_unigram_replacements_come_from_the_given_frequencies():
+  data = np.frombuffer(b"ab\0aab\0", np.uint8)
+  probs = sc.unigram(data)
+  np.testing.assert_allclose(probs[[0, 97, 98]], [0.0, 0.6, 0.4])
+  only_z = np.zeros(256)
+  only_z[ord("z")] = 1.0
+  copy, positions = sc.corrupt(data, 0.5, seed=0, index=0, probs=only_z)
+  assert set(copy[positions].tolist()) == {ord("z")}
+  noise = sc.noise(1000, seed=0, index=0, probs=probs)
+  assert set(np.unique(noise).tolist()) == {97, 98}
+  assert abs(np.mean(noise == 97) - 0.6) < 0.05
+  with pytest.raises(ValueError, match="replacement"):
+    sc.build_source_corpus(max_bytes=1000, replacement="gaussian")
