@@ -37,7 +37,7 @@ _ROOT = flags.DEFINE_string("root", None, "Directory of all the runs.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds (corruption, init,"
                            " data order).")
 _SMOKE = flags.DEFINE_bool("smoke", False, "The tiny smoke schedule.")
-_PROXY_STEPS = flags.DEFINE_integer("proxy_steps", 150, "Training steps of"
+_PROXY_STEPS = flags.DEFINE_integer("proxy_steps", 100, "Training steps of"
                                     " each greedy proxy run.")
 
 METHODS = {"scalebio": "", "uniform": "uniform", "oracle": "oracle"}

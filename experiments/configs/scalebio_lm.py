@@ -70,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.dtype = "float32"
 
   config.train = ml_collections.ConfigDict()
-  config.train.num_steps = 600
+  config.train.num_steps = 400
   config.train.log_every = 50
   config.train.checkpoint_every = 200
   config.train.max_to_keep = 2

@@ -178,6 +178,7 @@ def solver_from_config(cfg: ml_collections.ConfigDict, *,
   if cfg.lisa_blocks:
     lisa = bilevel.Lisa(num_blocks=cfg.num_layers,
                         num_active=cfg.lisa_blocks, every=cfg.lisa_every)
+  # Fixed weights: the same step with p frozen (u then never reaches w).
   upper = (registry.build_optimizer(cfg.upper_optimizer)
            if method == "scalebio" else optax.set_to_zero())
   return bilevel.scalebio(
