@@ -31,6 +31,13 @@ single axis, ``'data'``, over every device of every process (see
   of processes and devices;
 * evaluation gathers the params to every host and runs there unchanged; only
   process 0 writes files (:func:`is_primary`).
+
+A config may instead ask for a two-axis ``(data, fsdp)`` mesh
+(``config.mesh``, see :func:`placement`), in one process or many, over every
+global device. Then leaves whose ``nnx.Variable`` names their logical axes
+(``models.sharding``) are placed by its rules table, the others by the
+largest-dimension rule over ``'fsdp'``, and batches split their examples
+over both axes.
 """
 
 from __future__ import annotations
@@ -48,9 +55,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import bilevel
+from models import sharding
 
 PyTree = Any
-DATA_AXIS = "data"
+DATA_AXIS = sharding.DATA_AXIS
 
 _ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS",
         "num_processes": "JAX_NUM_PROCESSES",
@@ -143,19 +151,28 @@ def _global_mesh() -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def state_spec(shape: tuple[int, ...], num_shards: int) -> P:
-  """FSDP spec: the largest dim divisible by ``num_shards``, else none."""
+def state_spec(shape: tuple[int, ...], num_shards: int,
+               axis: str = DATA_AXIS) -> P:
+  """FSDP spec: the largest dim divisible by ``num_shards``, else none.
+
+  The chosen dim is split over mesh ``axis`` (of size ``num_shards``).
+  """
   dims = [d for d in range(len(shape)) if shape[d] % num_shards == 0]
   if num_shards == 1 or not dims:
     return P()
-  axis = max(dims, key=lambda d: (shape[d], -d))
-  return P(*(DATA_AXIS if d == axis else None for d in range(len(shape))))
+  largest = max(dims, key=lambda d: (shape[d], -d))
+  return P(*(axis if d == largest else None for d in range(len(shape))))
 
 
-def batch_spec(shape: tuple[int, ...], num_shards: int) -> P:
-  """Examples split along the leading dim when ``num_shards`` divides it."""
+def batch_spec(shape: tuple[int, ...], num_shards: int,
+               axes: str | tuple[str, ...] = DATA_AXIS) -> P:
+  """Examples split along the leading dim when ``num_shards`` divides it.
+
+  ``axes``: the mesh axis (or axes, together of size ``num_shards``) the
+  examples are split over.
+  """
   if num_shards > 1 and shape and shape[0] % num_shards == 0:
-    return P(DATA_AXIS)
+    return P(axes)
   return P()
 
 
@@ -189,6 +206,12 @@ class Placement:
   its input unchanged or what the loop used before, so single-process runs
   are as they were.
 
+  On a ``('data',)`` mesh every state leaf is sharded by
+  :func:`state_spec`; on a ``('data', 'fsdp')`` mesh
+  (:func:`models.sharding.make_mesh`) leaves with logical axis names follow
+  ``models.sharding.LOGICAL_RULES`` and the rest :func:`state_spec` over
+  ``'fsdp'``, and batches split over both axes.
+
   Args:
     abstract_state: the training state as ``jax.ShapeDtypeStruct`` leaves.
     mesh: the global mesh, None for a single-process run.
@@ -198,7 +221,16 @@ class Placement:
                mesh: jax.sharding.Mesh | None = None):
     self.mesh = mesh
     self.shardings = None
-    if mesh is not None:
+    if mesh is None:
+      return
+    if sharding.FSDP_AXIS in mesh.axis_names:
+      fsdp = mesh.shape[sharding.FSDP_AXIS]
+      self._batch_axes = sharding.BATCH_AXES
+      self.shardings = sharding.tree_shardings(
+          abstract_state, mesh, fallback=lambda _, shape: state_spec(
+              shape, fsdp, sharding.FSDP_AXIS))
+    else:
+      self._batch_axes = DATA_AXIS
       self.shardings = jax.tree.map(
           lambda x: NamedSharding(mesh, state_spec(x.shape, mesh.size)),
           abstract_state)
@@ -231,12 +263,12 @@ class Placement:
     """``batches`` with each batch made of global, data-sharded arrays."""
     if self.mesh is None:
       return batches
-    mesh = self.mesh
+    mesh, axes = self.mesh, self._batch_axes
 
     def place(step):
       return jax.tree.map(
-          lambda x: _to_global(
-              x, NamedSharding(mesh, batch_spec(np.shape(x), mesh.size))),
+          lambda x: _to_global(x, NamedSharding(
+              mesh, batch_spec(np.shape(x), mesh.size, axes))),
           batches(step))
 
     return place
@@ -260,7 +292,24 @@ class Placement:
     return tree if self.mesh is None else to_host(tree)
 
 
-def placement(abstract_state: PyTree) -> Placement:
-  """The placement of a training state: sharded once distributed is up."""
-  mesh = _global_mesh() if jax.distributed.is_initialized() else None
+def placement(abstract_state: PyTree,
+              mesh_shape: tuple[int, int] | None = None) -> Placement:
+  """The placement of a training state.
+
+  Args:
+    abstract_state: the training state as ``jax.ShapeDtypeStruct`` leaves.
+    mesh_shape: ``(data, fsdp)`` (one may be -1: the rest of the devices)
+      for a :func:`models.sharding.make_mesh` mesh over every global
+      device, in one process or many; None: a ``('data',)`` mesh once
+      ``jax.distributed`` is up, else nothing is placed.
+
+  Raises:
+    ValueError: ``mesh_shape`` does not fit the number of devices.
+  """
+  if mesh_shape is not None:
+    mesh = sharding.make_mesh(*mesh_shape)
+  elif jax.distributed.is_initialized():
+    mesh = _global_mesh()
+  else:
+    mesh = None
   return Placement(abstract_state, mesh)

@@ -109,7 +109,7 @@ def _train_loop(config, solver, problem, batches, num_steps, directory,
     params_like = init_params()
   abstract = jax.eval_shape(lambda: _train_state(
       params_like, solver.init(params_like), 0, train_key))
-  place = distributed.placement(abstract)
+  place = distributed.placement(abstract, config_checks.mesh_shape(config))
   state = _restore(ckpt, place.abstract(abstract))
   if state is None:
     # A copy: the step donates its inputs, and the initial params may share
@@ -187,7 +187,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """Trains the configured bilevel task (or pipeline), then evaluates it.
 
   Args:
-    config: the experiment config (see ``experiments/configs``).
+    config: the experiment config (see ``experiments/configs``); an
+      optional ``config.mesh`` puts the run on a ``(data, fsdp)`` mesh
+      (``experiments.config_checks``).
     workdir: checkpoints, metrics (TensorBoard, ``metrics.jsonl``),
       ``config.json`` and ``results.json`` go here; a run with an existing
       checkpoint resumes. A pipeline puts each stage in a subdirectory named
@@ -343,7 +345,7 @@ def _restore_for_eval(config, workdir: pathlib.Path, step: int | None = None,
   if not (workdir / "checkpoints").is_dir():
     raise FileNotFoundError(f"no checkpoints in {workdir}: train there"
                             " first (--mode=train)")
-  place = distributed.placement(abstract)
+  place = distributed.placement(abstract, config_checks.mesh_shape(config))
   ckpt = checkpointing.Checkpointer(
       workdir / "checkpoints", max_to_keep=config.train.max_to_keep,
       create=False)

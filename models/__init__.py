@@ -26,3 +26,10 @@ from models.moe_lm import active_params as active_params
 from models.resnet_cifar import VALID_DEPTHS as VALID_DEPTHS
 from models.resnet_cifar import ResNetCIFAR as ResNetCIFAR
 from models.resnet_cifar import SmallCNN as SmallCNN
+from models.sharding import LOGICAL_RULES as LOGICAL_RULES
+from models.sharding import batch_sharding as batch_sharding
+from models.sharding import bytes_per_device as bytes_per_device
+from models.sharding import logical_spec as logical_spec
+from models.sharding import make_mesh as make_mesh
+from models.sharding import shard_batch as shard_batch
+from models.sharding import tree_shardings as tree_shardings

@@ -66,6 +66,12 @@ and per-layer metrics stacked on a leading ``num_layers`` axis:
 ones included) and, for expert choice, ``'num_unrouted'`` ``[NL]``. A dense
 model's ``aux`` is empty.
 
+Every parameter names its dimensions' logical axes in its ``out_sharding``
+metadata (``'vocab'``, ``'embed'``, ``'heads'``, ``'mlp'``, ``'experts'``,
+``'layers'`` for CoE's gates, ``'lora'`` for adapter ranks);
+:mod:`models.sharding` maps them to mesh axes. Nothing is sharded at
+construction, so the model builds with or without a mesh.
+
 References:
   Su et al., *RoFormer*, 2021 (rotary embeddings); Zhang & Sennrich,
   *Root Mean Square Layer Normalization*, NeurIPS 2019. The routing papers
@@ -224,8 +230,16 @@ def rope(x: jax.Array, base: float) -> jax.Array:
   return out.astype(x.dtype)
 
 
-def _param(rngs, init, shape, dtype) -> nnx.Param:
-  return nnx.Param(init(rngs.params(), shape, dtype))
+def _names(*axes: str) -> dict[str, Any]:
+  """Variable metadata naming each dimension (``models.sharding``).
+
+  Not sharded at creation, so the model also builds outside a mesh.
+  """
+  return {"out_sharding": axes, "eager_sharding": False}
+
+
+def _param(rngs, init, shape, dtype, axes: tuple[str, ...]) -> nnx.Param:
+  return nnx.Param(init(rngs.params(), shape, dtype), **_names(*axes))
 
 
 class CausalSelfAttention(nnx.Module):
@@ -234,8 +248,10 @@ class CausalSelfAttention(nnx.Module):
   def __init__(self, c: MoeLMConfig, *, rngs: nnx.Rngs):
     kw = dict(use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
               rngs=rngs)
-    self.qkv = nnx.Linear(c.dim, 3 * c.dim, **kw)
-    self.out = nnx.Linear(c.dim, c.dim, **kw)
+    self.qkv = nnx.Linear(c.dim, 3 * c.dim,
+                          kernel_metadata=_names("embed", "heads"), **kw)
+    self.out = nnx.Linear(c.dim, c.dim,
+                          kernel_metadata=_names("heads", "embed"), **kw)
     self.num_heads, self.rope_base = c.num_heads, c.rope_base
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -252,8 +268,10 @@ class DenseFFN(nnx.Module):
   """``gelu(x W_in) W_out``, ``W_in [d, h]``, ``W_out [h, d]``."""
 
   def __init__(self, c: MoeLMConfig, hidden: int, *, rngs: nnx.Rngs):
-    self.w_in = _param(rngs, _init(), (c.dim, hidden), c.param_dtype)
-    self.w_out = _param(rngs, _init(), (hidden, c.dim), c.param_dtype)
+    self.w_in = _param(rngs, _init(), (c.dim, hidden), c.param_dtype,
+                       ("embed", "mlp"))
+    self.w_out = _param(rngs, _init(), (hidden, c.dim), c.param_dtype,
+                        ("mlp", "embed"))
 
   def __call__(self, x):
     h = jax.nn.gelu(x @ self.w_in[...].astype(x.dtype))
@@ -286,11 +304,14 @@ class RoutedFFN(nnx.Module):
     e, d, f = c.num_experts, c.dim, c.expert_hidden
     if c.ffn == "coe":  # one gate per iteration
       self.router = _param(rngs, _expert_init, (c.coe_iterations, d, e),
-                           c.param_dtype)
+                           c.param_dtype, ("layers", "embed", "experts"))
     else:
-      self.router = _param(rngs, _init(), (d, e), c.param_dtype)
-    self.w_in = _param(rngs, _expert_init, (e, d, f), c.param_dtype)
-    self.w_out = _param(rngs, _expert_init, (e, f, d), c.param_dtype)
+      self.router = _param(rngs, _init(), (d, e), c.param_dtype,
+                           ("embed", "experts"))
+    self.w_in = _param(rngs, _expert_init, (e, d, f), c.param_dtype,
+                       ("experts", "embed", "mlp"))
+    self.w_out = _param(rngs, _expert_init, (e, f, d), c.param_dtype,
+                        ("experts", "mlp", "embed"))
     self.config = c
 
   def _experts(self, x: jax.Array, routing: moe.Routing) -> jax.Array:
@@ -341,15 +362,22 @@ class DynMoLEFFN(nnx.Module):
 
   def __init__(self, c: MoeLMConfig, *, rngs: nnx.Rngs):
     e, d, r, h = c.num_experts, c.dim, c.lora_rank, dynmole_hidden(c)
-    self.w_in = _param(rngs, _init(), (d, h), c.param_dtype)
-    self.w_out = _param(rngs, _init(), (h, d), c.param_dtype)
-    self.router = _param(rngs, _init(), (d, e), c.param_dtype)
+    self.w_in = _param(rngs, _init(), (d, h), c.param_dtype,
+                       ("embed", "mlp"))
+    self.w_out = _param(rngs, _init(), (h, d), c.param_dtype,
+                        ("mlp", "embed"))
+    self.router = _param(rngs, _init(), (d, e), c.param_dtype,
+                         ("embed", "experts"))
     # LoRA: A random, B zero, so every adapter starts as the identity delta.
     zeros = jax.nn.initializers.zeros
-    self.lora_a_in = _param(rngs, _expert_init, (e, d, r), c.param_dtype)
-    self.lora_b_in = _param(rngs, zeros, (e, r, h), c.param_dtype)
-    self.lora_a_out = _param(rngs, _expert_init, (e, h, r), c.param_dtype)
-    self.lora_b_out = _param(rngs, zeros, (e, r, d), c.param_dtype)
+    self.lora_a_in = _param(rngs, _expert_init, (e, d, r), c.param_dtype,
+                            ("experts", "embed", "lora"))
+    self.lora_b_in = _param(rngs, zeros, (e, r, h), c.param_dtype,
+                            ("experts", "lora", "mlp"))
+    self.lora_a_out = _param(rngs, _expert_init, (e, h, r), c.param_dtype,
+                             ("experts", "mlp", "lora"))
+    self.lora_b_out = _param(rngs, zeros, (e, r, d), c.param_dtype,
+                             ("experts", "lora", "embed"))
     self.config = c
 
   def __call__(self, x):
@@ -382,14 +410,18 @@ def _ffn(c: MoeLMConfig, rngs: nnx.Rngs) -> nnx.Module:
   return RoutedFFN(c, rngs=rngs)
 
 
+def _norm(c: MoeLMConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
+  return nnx.RMSNorm(c.dim, dtype=c.dtype, param_dtype=c.param_dtype,
+                     scale_metadata=_names("embed"), rngs=rngs)
+
+
 class Block(nnx.Module):
   """``h + Attn(norm(h))``, then ``h + FFN(norm(h))``."""
 
   def __init__(self, c: MoeLMConfig, *, rngs: nnx.Rngs):
-    norm = lambda: nnx.RMSNorm(c.dim, dtype=c.dtype,
-                               param_dtype=c.param_dtype, rngs=rngs)
-    self.attn_norm, self.attn = norm(), CausalSelfAttention(c, rngs=rngs)
-    self.ffn_norm, self.ffn = norm(), _ffn(c, rngs)
+    self.attn_norm = _norm(c, rngs)
+    self.attn = CausalSelfAttention(c, rngs=rngs)
+    self.ffn_norm, self.ffn = _norm(c, rngs), _ffn(c, rngs)
 
   def __call__(self, h):
     h = h + self.attn(self.attn_norm(h))
@@ -417,13 +449,14 @@ class MoeLM(nnx.Module):
     _check(config)
     c = self.config = config
     self.embed = nnx.Embed(c.vocab_size, c.dim, dtype=c.dtype,
-                           param_dtype=c.param_dtype, rngs=rngs)
+                           param_dtype=c.param_dtype, rngs=rngs,
+                           embedding_metadata=_names("vocab", "embed"))
     self.blocks = nnx.List([Block(c, rngs=rngs) for _ in range(c.num_layers)])
-    self.final_norm = nnx.RMSNorm(c.dim, dtype=c.dtype,
-                                  param_dtype=c.param_dtype, rngs=rngs)
+    self.final_norm = _norm(c, rngs)
     self.head = None if c.tie_embeddings else nnx.Linear(
         c.dim, c.vocab_size, use_bias=False, dtype=c.dtype,
-        param_dtype=c.param_dtype, rngs=rngs)
+        param_dtype=c.param_dtype, rngs=rngs,
+        kernel_metadata=_names("embed", "vocab"))
 
   def __call__(self, tokens: jax.Array
                ) -> tuple[jax.Array, dict[str, jax.Array]]:

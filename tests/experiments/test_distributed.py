@@ -25,12 +25,14 @@ import time
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from experiments import distributed, train
+from experiments import checkpointing, config_checks, distributed, train
 from experiments.configs import hyper_cleaning
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -231,3 +233,60 @@ def test_solver_state_shards_like_the_params():
   assert state["params"]["u"].sharding.spec == P("data")
   restore_target = place.abstract(abstract)
   assert restore_target["params"]["w"].sharding.spec == P("data", None)
+
+
+def _named_and_plain_state():
+  named = nnx.state(nnx.Linear(
+      16, 24, rngs=nnx.Rngs(0),
+      kernel_metadata={"out_sharding": ("embed", "mlp"),
+                       "eager_sharding": False}))
+  params = {"named": named, "plain": {"w": jnp.ones((8, 64))}}
+  solver_state = optax.adam(0.1).init(params)
+  return {"params": params, "solver_state": solver_state,
+          "step": jnp.asarray(0, jnp.int32)}
+
+
+def test_data_fsdp_mesh_places_by_names_then_largest_dim(tmp_path):
+  state = _named_and_plain_state()
+  abstract = jax.eval_shape(lambda: state)
+  place = distributed.placement(abstract, (2, -1))
+  assert dict(place.mesh.shape) == {"data": 2, "fsdp": 4}
+  placed = place.state(state)
+  params, mu = placed["params"], placed["solver_state"][0].mu
+  assert params["named"]["kernel"].sharding.spec == P("fsdp", None)
+  assert params["named"]["bias"].sharding.spec == P("fsdp")  # unnamed: [24]
+  assert params["plain"]["w"].sharding.spec == P(None, "fsdp")
+  assert mu["named"]["kernel"].sharding == params["named"]["kernel"].sharding
+  assert placed["step"].sharding.spec == P()
+  batch = place.batches(lambda step: {"x": np.ones((16, 3)),
+                                      "odd": np.ones((5,))})(0)
+  assert batch["x"].sharding.spec == P(("data", "fsdp"))
+  assert batch["odd"].sharding.spec == P()
+
+  with checkpointing.Checkpointer(tmp_path) as ckpt:
+    ckpt.save(1, placed)
+    ckpt.wait()
+    _, restored = ckpt.restore(place.abstract(abstract))
+  chex.assert_trees_all_equal(restored, state)
+  assert jax.tree.leaves(jax.tree.map(lambda x: x.sharding, restored)) == (
+      jax.tree.leaves(jax.tree.map(lambda x: x.sharding, placed)))
+  assert distributed.placement(abstract).mesh is None  # as before
+
+
+@pytest.mark.parametrize("mesh,error", [
+    ({"data": 2, "fsdp": 4}, None),
+    ({"fsdp": 8}, None),
+    ({"data": 2, "model": 4}, "unknown config.mesh keys \\['model'\\]"),
+    ({"data": 2, "fsdp": 4.0}, "mesh.fsdp must be a positive int or -1"),
+    ({"data": -1, "fsdp": -1}, "cannot both be -1"),
+])
+def test_config_mesh_is_checked(mesh, error):
+  config = ml_collections.ConfigDict({"mesh": mesh})
+  if error:
+    with pytest.raises(ValueError, match=error):
+      config_checks.validate(config)
+  else:
+    sizes = {"data": 1, "fsdp": -1, **mesh}
+    assert config_checks.mesh_shape(config) == (sizes["data"],
+                                                sizes["fsdp"])
+  assert config_checks.mesh_shape(ml_collections.ConfigDict()) is None
