@@ -96,3 +96,7 @@ def test_smoke_pipeline(tmp_path):
   assert len(weights) == 8 and sum(weights) == pytest.approx(1.0, abs=1e-5)
   assert results["test_loss"] == stages["resampled"]["test_loss"]
   assert results["steps/scalebio"] == 4 and results["steps/train"] == 8
+  # --mode=eval restores the last stage and scores it the same.
+  restored = train.evaluate(config, tmp_path)
+  assert restored["test_loss"] == pytest.approx(results["test_loss"],
+                                                rel=1e-6)
