@@ -44,6 +44,9 @@ class SolverCase:
     hyper: ``(name, value)`` of a numeric factory argument to change through
       ``inject_hyperparams`` (None: the factory has none).
     uses_outer_grads: whether the solver reads ``outer_grads``.
+    meta_steps: steps before ``F`` depends on the upper learning rate plus
+      one, for the meta-gradient check (ScaleBiO's first ``d_p`` is zero at
+      ``u = w``, so it needs three).
   """
   name: str
   factory: Callable[..., optax.GradientTransformation]
@@ -55,6 +58,7 @@ class SolverCase:
   parts: Callable[[str], tuple] | None = None
   hyper: tuple[str, float] | None = None
   uses_outer_grads: bool = False
+  meta_steps: int = 2
 
   def make(self, problem_name, upper=None):
     return self.factory(**self.kwargs(problem_name, upper))
@@ -160,6 +164,7 @@ SOLVERS = (
                          _sgd_pair(1.0, 1 / 11)),
         hyper=("alpha", 20.0),
         uses_outer_grads=True,
+        meta_steps=3,
     ),
     # One mask step every second θ-step (the lax.cond path of the IG).
     SolverCase(
