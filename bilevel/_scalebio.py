@@ -182,9 +182,10 @@ def scale_by_scalebio(
       ``w``'s).
     lisa: train only a few random blocks of ``u`` and of ``w`` at a time
       (drawn separately for the two); None trains everything. ``w``'s mask
-      zeroes ``d_w`` on frozen blocks; use :func:`scalebio` (or
-      ``bilevel.lisa_frozen_aware`` on the lower optimizer) to also hold
-      ``w``'s optimizer state there.
+      zeroes ``d_w`` on frozen blocks; :func:`scalebio` also holds ``w``'s
+      optimizer state there (it passes the mask to the lower optimizer,
+      wrapped in ``bilevel.lisa_frozen_aware``, as the ``lisa_mask`` extra
+      argument; a hand-made chain must do the same, or that state decays).
     seed: seed of the LISA draws.
     clip_at_alpha: clip ``α∇_u L₂`` and ``d_w`` to global norm ``≤ α``
       (the later release's ``--clip_model``).

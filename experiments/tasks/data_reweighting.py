@@ -152,17 +152,21 @@ def weight_metrics(corpus, logits) -> dict[str, float]:
   return out
 
 
-def make_test_loss(graphdef, windows: np.ndarray):
-  """``test_loss(lower)``: mean cross-entropy over ``windows [N, B, L+1]``."""
+def make_window_loss(graphdef):
+  """``loss(lower, windows [N, B, L+1]) -> float``: mean cross-entropy.
+
+  One compiled batch loss serves every set of windows of the same batch
+  shape (validation, test, every stage).
+  """
 
   @jax.jit
   def batch_loss(lower, tokens):
     return jnp.mean(sequence_losses(graphdef, lower, tokens))
 
-  def test_loss(lower) -> float:
+  def loss(lower, windows) -> float:
     return float(np.mean([batch_loss(lower, t) for t in windows]))
 
-  return test_loss
+  return loss
 
 
 def solver_from_config(cfg: ml_collections.ConfigDict, *,
@@ -197,7 +201,8 @@ def corpus_from_config(config) -> source_corpus.SourceCorpus:
       test_fraction=d.test_fraction, replacement=d.replacement)
 
 
-def _weights_stage(config, corpus, graphdef, lower, keys, windows):
+def _weights_stage(config, corpus, graphdef, lower, keys, window_loss,
+                   test_windows):
   k = len(corpus.sources)
   method = config.reweight.method
   if method not in METHODS:
@@ -210,14 +215,13 @@ def _weights_stage(config, corpus, graphdef, lower, keys, windows):
                                        d.batch_size, d.seq_len)
   val = text_corpus.train_batches(keys["val"], corpus.validation,
                                   d.val_batch_size, d.seq_len)
-  val_loss = make_test_loss(graphdef, source_corpus.evaluation_windows(
+  val_windows = source_corpus.evaluation_windows(
       corpus.validation, d.val_batch_size, d.seq_len,
-      config.eval.num_batches))
-  test_loss = make_test_loss(graphdef, windows)
+      config.eval.num_batches)
 
   def evaluate(params):
-    return {"test_loss": test_loss(params.lower),
-            "val_loss": val_loss(params.lower),
+    return {"test_loss": window_loss(params.lower, test_windows),
+            "val_loss": window_loss(params.lower, val_windows),
             **weight_metrics(corpus, params.upper)}
 
   return Stage(
@@ -232,10 +236,9 @@ def _weights_stage(config, corpus, graphdef, lower, keys, windows):
       step_kind="scalebio")
 
 
-def _resample_stage(name, config, corpus, graphdef, lower, key, windows,
-                    weights_of):
+def _resample_stage(name, config, corpus, graphdef, lower, key, window_loss,
+                    test_windows, weights_of):
   r = config.resample
-  test_loss = make_test_loss(graphdef, windows)
   data_key, order_key = jax.random.split(key)
 
   def batches_from(finals):
@@ -253,7 +256,8 @@ def _resample_stage(name, config, corpus, graphdef, lower, key, windows,
       problem=plain_problem(graphdef),
       init=lambda finals: bilevel.Params({}, lower), batches=None,
       batches_from=batches_from, num_steps=r.num_steps,
-      evaluate=lambda params: {"test_loss": test_loss(params.lower)},
+      evaluate=lambda params: {"test_loss": window_loss(params.lower,
+                                                        test_windows)},
       params_like=bilevel.Params({}, lower))
 
 
@@ -277,13 +281,15 @@ def pipeline_from_config(config: ml_collections.ConfigDict,
   d = config.data
   windows = source_corpus.evaluation_windows(
       corpus.test, d.val_batch_size, d.seq_len, config.eval.num_batches)
+  loss = make_window_loss(graphdef)
   weights = _weights_stage(config, corpus, graphdef, lower,
-                           {"train": train_key, "val": val_key}, windows)
+                           {"train": train_key, "val": val_key}, loss,
+                           windows)
   k = len(corpus.sources)
   uniform = _resample_stage(
       "resampled_uniform", config, corpus, graphdef, lower, resample_key,
-      windows, lambda finals: np.full([k], 1.0 / k))
+      loss, windows, lambda finals: np.full([k], 1.0 / k))
   resampled = _resample_stage(
-      "resampled", config, corpus, graphdef, lower, resample_key, windows,
-      learned_weights)
+      "resampled", config, corpus, graphdef, lower, resample_key, loss,
+      windows, learned_weights)
   return Pipeline(weights.init({}), [weights, uniform, resampled])

@@ -59,10 +59,10 @@ def _proxy_runner(config, corpus, key):
   d = config.data
   batches = source_corpus.source_batches(train_key, corpus.sources,
                                          d.batch_size, d.seq_len)
-  val_loss = data_reweighting.make_test_loss(
-      graphdef, source_corpus.evaluation_windows(
-          corpus.validation, d.val_batch_size, d.seq_len,
-          config.eval.num_batches))
+  val_windows = source_corpus.evaluation_windows(
+      corpus.validation, d.val_batch_size, d.seq_len,
+      config.eval.num_batches)
+  window_loss = data_reweighting.make_window_loss(graphdef)
 
   @jax.jit
   def step(params, opt_state, logits, batch):
@@ -76,7 +76,7 @@ def _proxy_runner(config, corpus, key):
     logits = _logits(chosen, len(corpus.sources))
     for i in range(proxy_steps):
       params, opt_state = step(params, opt_state, logits, batches(i))
-    return val_loss(params)
+    return window_loss(params, val_windows)
 
   return run
 

@@ -182,7 +182,8 @@ def _moved(before, after):
 
 
 def test_lisa_trains_the_drawn_blocks_only():
-  problem, params, batches = _blocky_problem()
+  problem, init, batches = _blocky_problem()
+  params = init
   lisa = bilevel.Lisa(num_blocks=4, num_active=2, every=3)
   tx = bilevel.scalebio(10.0, upper_optimizer=optax.sgd(0.1),
                         lower_optimizer=optax.adamw(1e-2),
@@ -207,7 +208,7 @@ def test_lisa_trains_the_drawn_blocks_only():
   fresh = bilevel.scalebio(10.0, upper_optimizer=optax.sgd(0.1),
                            lower_optimizer=optax.adamw(1e-2), lisa=lisa,
                            seed=3)
-  _, again, _ = _run_blocky(fresh, problem, params, batches, 9)
+  _, again, _ = _run_blocky(fresh, problem, init, batches, 9)
   np.testing.assert_array_equal(again[0].model_blocks, model)
 
 
