@@ -33,8 +33,9 @@ ScaleBiO         source logits p (softmax   model w      copy u, α
                  weights)
 CommFormer       edge logits α (Gumbel      policy ω     alternation phase
                  top-k graph)
-DARTS, PC-DARTS  architecture logits        supernet     (2nd order: FD ε)
-                                            weights
+DARTS, PC-DARTS  architecture logits α      supernet     count, L_train; 2nd
+                 (softmax over ops)         weights w    order: ξ, FD ε, ‖v‖,
+                                                         L_val(w′), ‖ξHv‖
 implicit         x                          y → y*       count, ‖∇_y f‖,
                                                          solve residual
 unrolled         x                          y → y_T      count, ‖∇_y f‖
@@ -60,6 +61,12 @@ from bilevel._base import (
     uses_outer_grads,
 )
 from bilevel._bip import BiPState, SequentialBiPState, bip, scale_by_bip
+from bilevel._darts import (
+    DARTSState,
+    SecondOrderDARTSState,
+    darts,
+    scale_by_darts,
+)
 from bilevel._implicit import (
     ImplicitState,
     implicit,
@@ -130,6 +137,7 @@ __all__ = (
     "AccumulateState",
     "ApplyIfFiniteState",
     "BiPState",
+    "DARTSState",
     "DykstraInfo",
     "ImplicitState",
     "LVHBAState",
@@ -139,6 +147,7 @@ __all__ = (
     "PerLevelState",
     "Problem",
     "ScaleBiOState",
+    "SecondOrderDARTSState",
     "SequentialBiPState",
     "UnrolledState",
     "accumulate",
@@ -149,6 +158,7 @@ __all__ = (
     "check_params",
     "custom_fixed_point",
     "custom_root",
+    "darts",
     "dykstra",
     "dykstra_with_info",
     "implicit",
@@ -175,6 +185,7 @@ __all__ = (
     "root_jvp",
     "root_vjp",
     "scale_by_bip",
+    "scale_by_darts",
     "scale_by_implicit",
     "scale_by_lv_hba",
     "scale_by_scalebio",

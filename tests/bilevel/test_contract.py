@@ -96,6 +96,14 @@ def _scalebio_kwargs(p, upper):
               lower_optimizer=optax.sgd(1 / 11), copy_optimizer=optax.sgd(0.1))
 
 
+def _darts_kwargs(order, upper_lr, lower_lr, **solver_kwargs):
+  def kwargs(p, upper):
+    del p
+    return dict(order=order, upper_optimizer=upper or optax.sgd(upper_lr),
+                lower_optimizer=optax.sgd(lower_lr), **solver_kwargs)
+  return kwargs
+
+
 def _sgd_pair(upper_lr, lower_lr):
   return bilevel.per_level(optax.sgd(upper_lr), optax.sgd(lower_lr))
 
@@ -166,6 +174,37 @@ SOLVERS = (
         uses_outer_grads=True,
         meta_steps=3,
     ),
+    # First-order DARTS drops the implicit term −∇²_xy f [∇²_yy f]⁻¹∇_y F
+    # (on R2 it stops 22 % from x*; on R4 it never moves, F not depending
+    # on the logits). The term vanishes where ∇_y F(x*, y*) = 0: the
+    # realisable R2 below.
+    SolverCase(
+        name="darts",
+        factory=bilevel.darts,
+        kwargs=_darts_kwargs(1, 0.3, 0.5),
+        required=("inner_loss",),
+        problems=("r2_realisable",),
+        parts=lambda p: (bilevel.scale_by_darts(1), _sgd_pair(0.3, 0.5)),
+        uses_outer_grads=True,
+    ),
+    # Second order on R4, DARTS's shape (softmax logits over what w fits):
+    # the inner Hessian is I, so the virtual step with ξ = 1 lands on
+    # w*(λ) and the direction is ∇Φ itself. On R2, ξ·I for [∇²_yy f]⁻¹
+    # leaves it 6 % off. The exact HVP: the float32 FD's rounding (about
+    # u‖∇_α f‖‖v‖/fd_scale, 1e-6 here) exceeds the matrix's jit-vs-eager
+    # tolerances; test_darts.py checks the FD.
+    SolverCase(
+        name="darts_second_order",
+        factory=bilevel.darts,
+        kwargs=_darts_kwargs(2, 1.0, 1.0, virtual_learning_rate=1.0,
+                             hvp="exact"),
+        required=("outer_loss", "inner_loss"),
+        steps=100,
+        problems=("r4",),
+        parts=lambda p: (bilevel.scale_by_darts(
+            2, virtual_learning_rate=1.0, hvp="exact"), _sgd_pair(1.0, 1.0)),
+        hyper=("virtual_learning_rate", 0.5),
+    ),
     # One mask step every second θ-step (the lax.cond path of the IG).
     SolverCase(
         name="bip_lower_steps2",
@@ -187,9 +226,27 @@ def _r2(dtype=jnp.float32, dim=16):
       jax.random.key(0), dim_upper=dim, dim_lower=dim, dtype=dtype)
 
 
+def _r2_realisable(dtype=jnp.float32, dim=16):
+  """R2 with F's linear terms set so that ∇F(x*, y*(x*)) = 0, x* drawn.
+
+  Φ is the same convex quadratic up to a linear term, so x* is its unique
+  minimiser; first-order methods (∇_x F alone) are unbiased there.
+  """
+  ref = _r2(dtype, dim)
+  o = ref.batches["outer_batch"]
+  x_star = jax.random.normal(jax.random.key(1), (dim,), dtype)
+  y_star = ref.lower_solution(x_star)
+  outer = dict(o, f0=-(o["F"] @ y_star + o["K"].T @ x_star).astype(dtype),
+               h=-(o["H"] @ x_star + o["K"] @ y_star).astype(dtype))
+  phi = lambda x: ref.problem.outer_loss(x, ref.lower_solution(x), outer)
+  return ref._replace(batches=dict(ref.batches, outer_batch=outer),
+                      hypergradient=jax.grad(phi), upper_optimum=x_star)
+
+
 _PROBLEMS = {
     "r1": lambda dtype: reference_problems.r1(dtype=dtype),
     "r2": _r2,
+    "r2_realisable": _r2_realisable,
     "r4": lambda dtype: reference_problems.r4(
         jax.random.key(0), num_sources=8, dim=16,
         weights=(0.16, 0.15, 0.14, 0.13, 0.12, 0.11, 0.10, 0.09),
