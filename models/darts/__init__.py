@@ -6,7 +6,21 @@ from models.darts.genotype import (
     derive_genotype,
     edge_weights,
 )
+from models.darts.network import (
+    AuxiliaryHead,
+    EvalCell,
+    EvalNetwork,
+    count_params,
+    drop_path,
+)
 from models.darts.ops import PRIMITIVES, make_op
+from models.darts.released import (
+    DARTS_V1,
+    DARTS_V2,
+    PC_DARTS_CIFAR,
+    PC_DARTS_IMAGENET,
+    RELEASED,
+)
 from models.darts.search import (
     NUM_EDGES,
     MixedOp,
@@ -18,16 +32,26 @@ from models.darts.search import (
 )
 
 __all__ = (
+    "DARTS_V1",
+    "DARTS_V2",
     "NUM_EDGES",
+    "PC_DARTS_CIFAR",
+    "PC_DARTS_IMAGENET",
     "PRIMITIVES",
+    "RELEASED",
+    "AuxiliaryHead",
+    "EvalCell",
+    "EvalNetwork",
     "Genotype",
     "MixedOp",
     "SearchCell",
     "SearchConfig",
     "SearchNetwork",
     "channel_shuffle",
+    "count_params",
     "derive_cell",
     "derive_genotype",
+    "drop_path",
     "edge_weights",
     "make_op",
     "reduction_cells",
