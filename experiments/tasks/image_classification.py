@@ -6,6 +6,9 @@
   and on *recalibrated* population statistics in evaluation.
 * :func:`augment`: the standard CIFAR augmentation (4-pixel padded random
   crop, horizontal flip), drawn from an explicit key.
+* :func:`cutout`: DARTS's cutout (a zeroed square at a random centre, cut at
+  the borders), drawn from an explicit key; :func:`cutout_at` for given
+  centres.
 * :class:`ImageData`: normalised splits on the device and deterministic
   minibatches for step ``s``.
 
@@ -195,6 +198,61 @@ def augment(key: jax.Array, images: jax.Array) -> jax.Array:
 
   return jax.vmap(one)(padded, offsets, flips)
 
+
+
+def cutout_at(images: jax.Array, centres: jax.Array, size: int) -> jax.Array:
+  """Zeroes rows ``[y - size//2, y + size//2)`` × the same columns around
+  each image's centre ``(y, x)``, cut at the borders.
+
+  Args:
+    images: ``[b, h, w, c]``.
+    centres: int ``[b, 2]`` ``(row, column)`` of each square's centre.
+    size: the square's side (an odd ``size`` cuts ``size - 1``, as the
+      official code does).
+
+  Returns:
+    ``[b, h, w, c]`` images, zero in the square of every channel.
+
+  Raises:
+    AssertionError: ``images`` not of rank 4 or ``centres`` not ``[b, 2]``.
+  """
+  chex.assert_rank(images, 4)
+  chex.assert_shape(centres, (images.shape[0], 2))
+  half = size // 2
+  rows = jnp.arange(images.shape[1])
+  cols = jnp.arange(images.shape[2])
+  y, x = centres[:, :1], centres[:, 1:]
+  in_rows = (rows >= y - half) & (rows < y + half)  # [b, h]
+  in_cols = (cols >= x - half) & (cols < x + half)  # [b, w]
+  square = in_rows[:, :, None, None] & in_cols[:, None, :, None]
+  return jnp.where(square, jnp.zeros_like(images), images)
+
+
+def cutout(key: jax.Array, images: jax.Array, size: int = 16) -> jax.Array:
+  """DARTS's cutout: each image zeroed in a ``size × size`` square centred
+  at a uniformly drawn pixel, cut at the borders (:func:`cutout_at`).
+
+  Applied last, to standardised images (as the official transform after
+  ``Normalize``), so the square holds the mean pixel.
+
+  Args:
+    key: PRNG key; each image draws its own centre from it.
+    images: ``[b, h, w, c]``.
+    size: the square's side (official: 16).
+
+  Returns:
+    ``[b, h, w, c]`` images with the squares zeroed.
+
+  References:
+    DeVries, Taylor, *Improved Regularization of Convolutional Neural
+    Networks with Cutout*, 2017; quark0/darts ``cnn/utils.py::Cutout``.
+  """
+  chex.assert_rank(images, 4)
+  b, h, w, _ = images.shape
+  k_row, k_col = jax.random.split(key)
+  centres = jnp.stack([jax.random.randint(k_row, (b,), 0, h),
+                       jax.random.randint(k_col, (b,), 0, w)], axis=-1)
+  return cutout_at(images, centres, size)
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ImageData:

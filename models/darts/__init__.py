@@ -1,4 +1,5 @@
-"""DARTS / PC-DARTS: the search space, the supernet and genotypes."""
+"""DARTS / PC-DARTS / GM-NAS: the search space, the supernet, genotypes,
+the derived evaluation network and few-shot splitting."""
 
 from models.darts.functional import channel_shuffle
 from models.darts.genotype import (
@@ -7,7 +8,21 @@ from models.darts.genotype import (
     derive_genotype,
     edge_weights,
 )
+from models.darts.network import (
+    AuxiliaryHead,
+    EvalCell,
+    EvalNetwork,
+    count_params,
+    drop_path,
+)
 from models.darts.ops import PRIMITIVES, UniformSource, make_op
+from models.darts.released import (
+    DARTS_V1,
+    DARTS_V2,
+    PC_DARTS_CIFAR,
+    PC_DARTS_IMAGENET,
+    RELEASED,
+)
 from models.darts.search import (
     CELL_KINDS,
     NUM_EDGES,
@@ -24,18 +39,28 @@ from models.darts.search import (
 
 __all__ = (
     "CELL_KINDS",
+    "DARTS_V1",
+    "DARTS_V2",
     "NUM_EDGES",
+    "PC_DARTS_CIFAR",
+    "PC_DARTS_IMAGENET",
     "PRIMITIVES",
+    "RELEASED",
     "STEPS",
+    "AuxiliaryHead",
     "EdgeStack",
+    "EvalCell",
+    "EvalNetwork",
     "Genotype",
     "SearchCell",
     "SearchConfig",
     "SearchNetwork",
     "UniformSource",
     "channel_shuffle",
+    "count_params",
     "derive_cell",
     "derive_genotype",
+    "drop_path",
     "edge_weights",
     "edge_weights_of",
     "make_op",

@@ -1,4 +1,5 @@
-"""The functional network view, augmentation, BatchNorm recalibration."""
+"""The functional network view, augmentation, cutout, BatchNorm
+recalibration."""
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,43 @@ def test_augment_returns_flipped_or_plain_crops_of_the_padded_image():
   np.testing.assert_array_equal(out, again)
   assert not np.array_equal(out, ic.augment(jax.random.key(2), images))
 
+
+
+def _numpy_cutout(image, y, x, length):
+  """quark0/darts ``utils.Cutout`` on one ``[h, w, c]`` image, centre given."""
+  h, w = image.shape[:2]
+  mask = np.ones((h, w), np.float32)
+  y1, y2 = np.clip(y - length // 2, 0, h), np.clip(y + length // 2, 0, h)
+  x1, x2 = np.clip(x - length // 2, 0, w), np.clip(x + length // 2, 0, w)
+  mask[y1:y2, x1:x2] = 0.0
+  return image * mask[:, :, None]
+
+
+@pytest.mark.parametrize("size", [16, 5])
+def test_cutout_at_equals_the_official_cutout_at_given_centres(size):
+  images = np.random.default_rng(0).uniform(1, 2, (5, 20, 24, 3))
+  # Inside, at a corner, at the far corner, on the top and right borders.
+  centres = np.array([[10, 12], [0, 0], [19, 23], [0, 12], [10, 23]])
+  out = ic.cutout_at(jnp.asarray(images, jnp.float32), jnp.asarray(centres),
+                     size)
+  for image, got, (y, x) in zip(images, np.asarray(out), centres):
+    np.testing.assert_allclose(got, _numpy_cutout(image, y, x, size),
+                               rtol=1e-6)
+
+
+def test_cutout_zeroes_one_square_per_image_from_the_key():
+  images = jnp.ones((64, 32, 32, 2))
+  out = np.asarray(ic.cutout(jax.random.key(0), images))
+  np.testing.assert_array_equal(out, ic.cutout(jax.random.key(0), images))
+  zero = out[..., 0] == 0
+  np.testing.assert_array_equal(zero, out[..., 1] == 0)  # every channel
+  areas = set()
+  for z in zero:
+    rows, cols = np.flatnonzero(z.any(1)), np.flatnonzero(z.any(0))
+    assert z.sum() == len(rows) * len(cols) > 0  # one filled rectangle
+    assert len(rows) <= 16 and len(cols) <= 16
+    areas.add(z.sum())
+  assert 16 * 16 in areas and len(areas) > 1  # some inside, some cut
 
 def test_apply_equals_the_module_and_recalibrate_equals_numpy():
   model = _LinearBN(nnx.Rngs(0))
@@ -74,6 +112,10 @@ def test_accuracy_counts_every_example_of_a_ragged_last_batch():
 def test_bad_shapes_are_named():
   with pytest.raises(AssertionError, match="rank"):
     ic.augment(jax.random.key(0), jnp.zeros((5, 5, 2)))
+  with pytest.raises(AssertionError, match="rank"):
+    ic.cutout(jax.random.key(0), jnp.zeros((5, 5, 2)))
+  with pytest.raises(AssertionError, match="shape"):
+    ic.cutout_at(jnp.zeros((2, 5, 5, 1)), jnp.zeros((2, 3), jnp.int32), 2)
   with pytest.raises(AssertionError, match="rank"):
     ic.cross_entropy(jnp.zeros((2, 3, 4)), jnp.zeros(2, jnp.int32))
   with pytest.raises(AssertionError, match="shape"):
