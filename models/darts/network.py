@@ -29,7 +29,6 @@ References:
   Larsson, Maire, Shakhnarovich, *FractalNet*, ICLR 2017 (drop path).
 """
 
-import functools
 import numbers
 from typing import NamedTuple
 
@@ -39,6 +38,7 @@ from flax import nnx
 
 from models.darts import ops
 from models.darts.genotype import Genotype
+from models.darts.search import reduction_cells
 
 STEM_MULTIPLIER = 3
 IMAGE_CHANNELS = 3
@@ -168,7 +168,7 @@ class AuxiliaryHead(nnx.Module):
     self.bn1 = ops.batch_norm(mid, True, rngs)
     self.conv2 = ops.conv2d(mid, out, 2, rngs=rngs)
     self.bn2 = ops.batch_norm(out, True, rngs)
-    self.classifier = nnx.Linear(out, num_classes, rngs=rngs)
+    self.classifier = ops.Dense(out, num_classes, rngs=rngs)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """``[B, H, W, C]`` with ``H, W`` in 8..10 to ``[B, num_classes]``."""
@@ -181,11 +181,6 @@ class AuxiliaryHead(nnx.Module):
     x = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
     x = jax.nn.relu(self.bn2(self.conv2(x), use_running_average=not train))
     return self.classifier(x.reshape(x.shape[0], -1))
-
-
-def _reductions(num_cells: int) -> tuple[int, int]:
-  """Indices of the reduction cells, ``⌊L/3⌋`` and ``⌊2L/3⌋``."""
-  return num_cells // 3, 2 * num_cells // 3
 
 
 class _CellSpec(NamedTuple):
@@ -202,12 +197,12 @@ def _layout(genotype: Genotype, channels: int, num_cells: int
   c_pp = c_p = STEM_MULTIPLIER * channels
   cur, reduction_prev, specs, aux_channels = channels, False, [], None
   for i in range(num_cells):
-    reduction = i in _reductions(num_cells)
+    reduction = i in reduction_cells(num_cells)
     cur = cur * 2 if reduction else cur
     specs.append(_CellSpec(c_pp, c_p, cur, reduction, reduction_prev))
     concat = genotype.reduce_concat if reduction else genotype.normal_concat
     c_pp, c_p, reduction_prev = c_p, len(concat) * cur, reduction
-    if i == _reductions(num_cells)[1]:
+    if i == reduction_cells(num_cells)[1]:
       aux_channels = c_p
   return specs, aux_channels, c_p
 
@@ -240,6 +235,7 @@ class EvalNetwork(nnx.Module):
       ValueError: ``drop_path_prob`` out of range, a malformed genotype.
     """
     _check_prob(drop_path_prob)
+    rngs = ops.UniformSource.of(rngs)  # one draw stream for every weight
     stem = STEM_MULTIPLIER * channels
     self.stem_conv = ops.conv2d(IMAGE_CHANNELS, stem, 3, 1, 1, rngs=rngs)
     self.stem_bn = ops.batch_norm(stem, True, rngs)
@@ -249,7 +245,7 @@ class EvalNetwork(nnx.Module):
     self.auxiliary_head = nnx.data(
         AuxiliaryHead(aux_channels, num_classes, rngs=rngs) if auxiliary
         else None)
-    self.classifier = nnx.Linear(last, num_classes, rngs=rngs)
+    self.classifier = ops.Dense(last, num_classes, rngs=rngs)
     self.drop_path_prob = drop_path_prob
 
   def __call__(self, images: jax.Array, train: bool, *, drop_path_prob=None,
@@ -287,7 +283,7 @@ class EvalNetwork(nnx.Module):
                        " 'dropout' stream; pass drop_path_prob=0.0 for none")
     s0 = s1 = self.stem_bn(self.stem_conv(images),
                            use_running_average=not train)
-    aux_logits, aux_cell = None, _reductions(len(self.cells))[1]
+    aux_logits, aux_cell = None, reduction_cells(len(self.cells))[1]
     for i, cell in enumerate(self.cells):
       s0, s1 = s1, cell(s0, s1, train, p, rngs)
       if i == aux_cell and train and self.auxiliary_head is not None:
@@ -300,47 +296,16 @@ def _check_prob(p) -> None:
     raise ValueError(f"drop_path_prob must be in [0, 1), got {p}")
 
 
-def _abstract_size(build) -> int:
-  """Weights of the module ``build(rngs)`` returns, built abstractly."""
-  model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
-  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
-def _frozen(genotype: Genotype) -> Genotype:
-  """The genotype with tuple fields (hashable), e.g. from official lists."""
-  edges = lambda cell: tuple((name, int(i)) for name, i in cell)
-  return Genotype(edges(genotype.normal), tuple(genotype.normal_concat),
-                  edges(genotype.reduce), tuple(genotype.reduce_concat))
-
-
-@functools.lru_cache(maxsize=256)
-def _cell_size(genotype: Genotype, spec: _CellSpec) -> int:
-  return _abstract_size(lambda rngs: EvalCell(genotype, *spec, rngs=rngs))
-
-
 def count_params(genotype: Genotype, channels: int = 36, num_cells: int = 20,
                  num_classes: int = 10, auxiliary: bool = True) -> int:
   """Weights (``nnx.Param`` entries) of ``EvalNetwork(genotype, channels,
-  num_cells, num_classes, auxiliary)``, without building it.
+  num_cells, num_classes, auxiliary)``.
 
   BatchNorm running statistics are not weights. The official
   ``count_parameters_in_MB`` leaves out the auxiliary head: compare it with
-  ``auxiliary=False``.
-
-  Each part is built under ``nnx.eval_shape`` on its own, once per distinct
-  cell size: tracing the whole network at once is quadratic in its number
-  of variables (each ``Rngs`` counter update asks the tracer for its
-  sharding, whose error message walks the whole jaxpr): 30–50 s for the
-  20-cell network, against a few seconds part by part.
+  ``auxiliary=False``. Builds the network (about a second: see
+  :class:`~models.darts.ops.UniformSource`).
   """
-  genotype = _frozen(genotype)
-  stem = STEM_MULTIPLIER * channels
-  specs, aux_channels, last = _layout(genotype, channels, num_cells)
-  total = _abstract_size(lambda rngs: nnx.List([
-      ops.conv2d(IMAGE_CHANNELS, stem, 3, 1, 1, rngs=rngs),
-      ops.batch_norm(stem, True, rngs),
-      nnx.Linear(last, num_classes, rngs=rngs)]))
-  if auxiliary:
-    total += _abstract_size(
-        lambda rngs: AuxiliaryHead(aux_channels, num_classes, rngs=rngs))
-  return total + sum(_cell_size(genotype, spec) for spec in specs)
+  model = EvalNetwork(genotype, channels, num_cells, num_classes, auxiliary,
+                      rngs=nnx.Rngs(0))
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

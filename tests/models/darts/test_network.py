@@ -25,27 +25,6 @@ def test_parameter_counts_equal_the_official_ones(genotype, auxiliary,
   assert darts.count_params(genotype, auxiliary=auxiliary) == official
 
 
-def _materialised(model: nnx.Module) -> nnx.Module:
-  """An abstract model with random weights and fresh BatchNorm statistics.
-
-  Eager NNX construction compiles an initializer per distinct shape (about
-  30 s for the tiny network on 2 cores); the tests need only some weights.
-  """
-  graphdef, state = nnx.split(model)
-  rng = np.random.default_rng(0)
-
-  def fill(path, leaf):
-    if path[-1] == "var":
-      return jnp.ones(leaf.shape, leaf.dtype)
-    if path[-1] == "mean":
-      return jnp.zeros(leaf.shape, leaf.dtype)
-    return jnp.asarray(0.3 * rng.standard_normal(leaf.shape), leaf.dtype)
-
-  flat = [(path, v.replace(fill(path, v.get_raw_value())))
-          for path, v in nnx.to_flat_state(state)]
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
 def _normal(shape):
   # Host-side: an eager jax.random draw compiles threefry (seconds).
   return jnp.asarray(np.random.default_rng(1).standard_normal(shape),
@@ -56,9 +35,7 @@ def _normal(shape):
 def tiny():
   """A 3-cell network (reductions at cells 1 and 2), its state and a jitted
   forward ``(state, images, p, key, train) -> (logits, aux)``."""
-  abstract = nnx.eval_shape(lambda: darts.EvalNetwork(
-      darts.PC_DARTS_CIFAR, **_TINY, rngs=nnx.Rngs(0)))
-  model = _materialised(abstract)
+  model = darts.EvalNetwork(darts.PC_DARTS_CIFAR, **_TINY, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
 
   @functools.partial(jax.jit, static_argnames="train")
