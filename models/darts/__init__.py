@@ -33,8 +33,10 @@ from models.darts.search import (
     SearchNetwork,
     edge_weights_of,
     node_edges,
+    num_edges,
     op_weights_of,
     reduction_cells,
+    steps_of,
 )
 
 __all__ = (
@@ -65,6 +67,8 @@ __all__ = (
     "edge_weights_of",
     "make_op",
     "node_edges",
+    "num_edges",
     "op_weights_of",
+    "steps_of",
     "reduction_cells",
 )

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from models.darts.ops import PRIMITIVES
-from models.darts.search import NUM_EDGES, STEPS
+from models.darts.search import steps_of
 
 _NONE = PRIMITIVES.index("none")
 
@@ -44,16 +44,18 @@ def _softmax(x, axis=-1):
 
 
 def edge_weights(alphas, betas=None) -> np.ndarray:
-  """``[14, 8]`` op weights, times PC-DARTS's normalised edge weights."""
+  """``[edges, 8]`` op weights (``[14, 8]`` in the papers' cells), times
+  PC-DARTS's normalised edge weights when ``betas [edges]`` is given."""
   weights = _softmax(alphas)
-  if weights.shape != (NUM_EDGES, len(PRIMITIVES)):
-    raise ValueError(f"alphas must be [{NUM_EDGES}, {len(PRIMITIVES)}], got"
+  if weights.ndim != 2 or weights.shape[1] != len(PRIMITIVES):
+    raise ValueError(f"alphas must be [edges, {len(PRIMITIVES)}], got"
                      f" {weights.shape}")
+  steps = steps_of(weights.shape[0])
   if betas is None:
     return weights
   betas = np.asarray(betas, np.float64)
-  scale, start = np.empty(NUM_EDGES), 0
-  for j in range(STEPS):
+  scale, start = np.empty(weights.shape[0]), 0
+  for j in range(steps):
     n = 2 + j
     scale[start:start + n] = _softmax(betas[start:start + n])
     start += n
@@ -61,9 +63,9 @@ def edge_weights(alphas, betas=None) -> np.ndarray:
 
 
 def derive_cell(weights: np.ndarray) -> tuple[tuple[str, int], ...]:
-  """Two ``(op, input)`` pairs per intermediate node from ``[14, 8]``."""
+  """Two ``(op, input)`` pairs per intermediate node from ``[edges, 8]``."""
   cell, start = [], 0
-  for j in range(STEPS):
+  for j in range(steps_of(weights.shape[0])):
     n = 2 + j
     block = weights[start:start + n]
     strength = np.delete(block, _NONE, axis=1).max(axis=1)
@@ -80,7 +82,7 @@ def derive_cell(weights: np.ndarray) -> tuple[tuple[str, int], ...]:
 def derive_genotype(alphas_normal, alphas_reduce, betas_normal=None,
                     betas_reduce=None) -> Genotype:
   """The :class:`Genotype` of the architecture logits (module docstring)."""
-  concat = tuple(range(2, 2 + STEPS))
+  concat = tuple(range(2, 2 + steps_of(np.shape(alphas_normal)[0])))
   return Genotype(
       derive_cell(edge_weights(alphas_normal, betas_normal)), concat,
       derive_cell(edge_weights(alphas_reduce, betas_reduce)), concat)

@@ -46,8 +46,22 @@ from models.darts import functional as F
 from models.darts import ops
 from models.levels import ArchParam
 
-STEPS = 4
-NUM_EDGES = sum(2 + j for j in range(STEPS))  # 14
+STEPS = 4  # the papers' intermediate nodes per cell
+NUM_EDGES = 14  # 2 + 3 + 4 + 5 edges into them
+
+
+def num_edges(steps: int) -> int:
+  """Edges of a cell with ``steps`` intermediate nodes, ``Σ_j (2 + j)``."""
+  return steps * (steps + 3) // 2
+
+
+def steps_of(edges: int) -> int:
+  """The ``steps`` of a cell with ``edges`` edges (inverse of
+  :func:`num_edges`); ValueError if there is none."""
+  for steps in range(1, edges + 1):
+    if num_edges(steps) == edges:
+      return steps
+  raise ValueError(f"{edges} edges is no cell's count (2, 5, 9, 14, 20, ...)")
 PRIMITIVES = ops.PRIMITIVES
 CELL_KINDS = ("normal", "reduce")
 
@@ -65,6 +79,8 @@ class SearchConfig:
     edge_normalization: PC-DARTS's ``softmax(β)`` edge weights; None means
       on exactly when ``partial_channels`` is set (the two papers' nets).
     stem_multiplier: the stem's channels are ``stem_multiplier · C``.
+    steps: intermediate nodes per cell (the papers: 4, so 14 edges; fewer
+      make small networks for tests, which compile several times faster).
   """
   channels: int = 16
   num_cells: int = 8
@@ -72,6 +88,7 @@ class SearchConfig:
   partial_channels: int | None = None
   edge_normalization: bool | None = None
   stem_multiplier: int = 3
+  steps: int = STEPS
 
   @property
   def uses_betas(self) -> bool:
@@ -231,7 +248,7 @@ class SearchCell(nnx.Module):
 
   def __init__(self, c_prev_prev: int, c_prev: int, channels: int,
                reduction: bool, reduction_prev: bool, k: int,
-               init: ops.UniformSource):
+               init: ops.UniformSource, steps: int = STEPS):
     if reduction_prev:
       self.pre0 = ops.FactorizedReduce(c_prev_prev, channels, False, rngs=init)
     else:
@@ -241,10 +258,10 @@ class SearchCell(nnx.Module):
     self.reduction = reduction
     self.stacks = nnx.List([
         nnx.List([EdgeStack(len(group), channels, stride, k, init)
-                  for group, stride in self._groups(node)])
-        for node in range(STEPS)])
+                  for group, stride in self.groups(node)])
+        for node in range(steps)])
 
-  def _groups(self, node: int) -> list[tuple[range, int]]:
+  def groups(self, node: int) -> list[tuple[range, int]]:
     """The node's incoming edges by stride, as ``(input nodes, stride)``."""
     if not self.reduction:
       return [(range(0, 2 + node), 1)]
@@ -259,7 +276,7 @@ class SearchCell(nnx.Module):
     for node, stacks in enumerate(self.stacks):
       edges = node_edges(node)
       total = 0.0
-      for stack, (inputs, _) in zip(stacks, self._groups(node)):
+      for stack, (inputs, _) in zip(stacks, self.groups(node)):
         index = np.asarray([edges[i] for i in inputs])
         y = stack(jnp.stack([states[i] for i in inputs]), op_weights[index],
                   train)
@@ -275,14 +292,15 @@ def op_weights_of(alphas: jax.Array, mask: jax.Array | None) -> jax.Array:
   return jax.nn.softmax(jnp.where(mask, alphas, -jnp.inf), axis=-1)
 
 
-def edge_weights_of(betas: jax.Array | None) -> jax.Array:
-  """PC-DARTS's ``[14]`` edge weights: ``softmax`` of ``β`` within each
-  node's incoming edges; ones without edge normalisation."""
+def edge_weights_of(betas: jax.Array | None, edges: int = NUM_EDGES
+                    ) -> jax.Array:
+  """PC-DARTS's ``[edges]`` edge weights: ``softmax`` of ``β`` within
+  each node's incoming edges; ones without edge normalisation (None)."""
   if betas is None:
-    return jnp.ones([NUM_EDGES])
+    return jnp.ones([edges])
   return jnp.concatenate([jax.nn.softmax(betas[node_edges(j).start:
                                                node_edges(j).stop])
-                          for j in range(STEPS)])
+                          for j in range(steps_of(betas.shape[0]))])
 
 
 class SearchNetwork(nnx.Module):
@@ -306,17 +324,18 @@ class SearchNetwork(nnx.Module):
       reduction = i in reduction_cells(c.num_cells)
       cur = cur * 2 if reduction else cur
       cells.append(SearchCell(c_pp, c_p, cur, reduction, reduction_prev,
-                              c.partial_channels or 1, init))
-      c_pp, c_p, reduction_prev = c_p, STEPS * cur, reduction
+                              c.partial_channels or 1, init, c.steps))
+      c_pp, c_p, reduction_prev = c_p, c.steps * cur, reduction
     self.cells = nnx.List(cells)
     self.classifier = ops.Dense(c_p, c.num_classes, rngs=init)
+    edges = num_edges(c.steps)
     logits = lambda shape: ArchParam(
         1e-3 * jax.random.normal(rngs.params(), shape))
     for kind in CELL_KINDS:
-      setattr(self, f"alphas_{kind}", logits((NUM_EDGES, len(PRIMITIVES))))
+      setattr(self, f"alphas_{kind}", logits((edges, len(PRIMITIVES))))
     if c.uses_betas:
       for kind in CELL_KINDS:
-        setattr(self, f"betas_{kind}", logits((NUM_EDGES,)))
+        setattr(self, f"betas_{kind}", logits((edges,)))
 
   def arch_logits(self, kind: str) -> tuple[jax.Array, jax.Array | None]:
     """``(alphas [14, 8], betas [14] or None)`` of a cell kind."""
@@ -343,7 +362,8 @@ class SearchNetwork(nnx.Module):
     for kind in CELL_KINDS:
       alphas, betas = self.arch_logits(kind)
       mask = None if op_masks is None else op_masks[kind]
-      weights[kind] = (op_weights_of(alphas, mask), edge_weights_of(betas))
+      weights[kind] = (op_weights_of(alphas, mask),
+                       edge_weights_of(betas, alphas.shape[0]))
     for cell in self.cells:
       kind = "reduce" if cell.reduction else "normal"
       s0, s1 = s1, cell(s0, s1, *weights[kind], train)
