@@ -263,10 +263,48 @@ def _load_cifar10(data_dir, max_train, max_test) -> Dataset:
   return Dataset(to_unit(train_x), train_y, to_unit(test_x), test_y, 10)
 
 
+def synthetic_cifar10(num_train: int = 512, num_test: int = 256,
+                      seed: int = 0) -> dict[str, tuple[np.ndarray,
+                                                        np.ndarray]]:
+  """A generated stand-in for CIFAR-10: ``{split: (images, labels)}``.
+
+  Each image (uint8 ``[n, 32, 32, 3]``) is a class colour plus noise, so
+  that a model can learn something; the numbers it gives mean nothing
+  about CIFAR-10. Classes cycle, so every class appears.
+
+  Args:
+    num_train: training images.
+    num_test: test images.
+    seed: the numpy seed.
+  """
+  rng = np.random.default_rng(seed)
+  colours = rng.uniform(40, 215, (10, 3))
+  splits = {}
+  for name, n in (("train", num_train), ("test", num_test)):
+    labels = np.arange(n) % 10
+    noise = rng.normal(0, 40, (n, 32, 32, 3))
+    images = np.clip(colours[labels][:, None, None, :] + noise, 0, 255)
+    splits[name] = images.astype(np.uint8), labels
+  return splits
+
+
+def _load_synthetic_cifar10(data_dir, max_train, max_test) -> Dataset:
+  """:func:`synthetic_cifar10`'s 512 / 256 images, capped like the others."""
+  del data_dir
+  splits = synthetic_cifar10()
+  (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
+  train = _subset(len(train_y), max_train)
+  test = _subset(len(test_y), max_test)
+  to_unit = lambda x: np.divide(x, np.float32(255), dtype=np.float32)
+  return Dataset(to_unit(train_x[train]), train_y[train].astype(np.int32),
+                 to_unit(test_x[test]), test_y[test].astype(np.int32), 10)
+
+
 _LOADERS: dict[str, Callable[..., Dataset]] = {
     "digits": _load_digits,
     "mnist5k": _load_mnist5k,
     "cifar10": _load_cifar10,
+    "synthetic_cifar10": _load_synthetic_cifar10,
 }
 
 
@@ -287,10 +325,13 @@ def load_dataset(
   ``offsets``, ``labels``, "CIFAR-10 (JPEG)", decoded once with Pillow),
   cached in memory, or the official python-pickle batches
   ``data_batch_1..5`` + ``test_batch`` in ``data_dir`` or
-  ``data_dir/cifar-10-batches-py/``.
+  ``data_dir/cifar-10-batches-py/``. ``'synthetic_cifar10'`` generates
+  :func:`synthetic_cifar10`'s stand-in in memory (smoke runs and tests
+  without the download; its numbers mean nothing about CIFAR-10).
 
   Args:
-    name: one of ``'digits'``, ``'mnist5k'``, ``'cifar10'``.
+    name: one of ``'digits'``, ``'mnist5k'``, ``'cifar10'``,
+      ``'synthetic_cifar10'``.
     data_dir: directory of the files (``'cifar10'`` only; ignored otherwise).
     max_train: keep at most this many training examples: a fixed random
       subset (seed 0), identical in both CIFAR formats; only those are decoded.

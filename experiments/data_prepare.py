@@ -137,10 +137,8 @@ def prepare_cifar10(source: str | os.PathLike[str], out: str | os.PathLike[str],
 def write_synthetic_cifar10(out: str | os.PathLike[str], *,
                             num_train: int = 512, num_test: int = 256,
                             seed: int = 0) -> pathlib.Path:
-  """Writes a generated stand-in for CIFAR-10 in the prepared layout.
-
-  Each image is a class colour plus noise, so that a model can learn
-  something; the numbers it gives mean nothing about CIFAR-10.
+  """Writes :func:`experiments.data.synthetic_cifar10`'s generated
+  stand-in for CIFAR-10 in the prepared layout.
 
   Args:
     out: the output directory (created).
@@ -153,13 +151,9 @@ def write_synthetic_cifar10(out: str | os.PathLike[str], *,
   """
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  rng = np.random.default_rng(seed)
-  colours = rng.uniform(40, 215, (10, 3))
-  for name, n in (("train", num_train), ("test", num_test)):
-    labels = np.arange(n) % 10
-    noise = rng.normal(0, 40, (n, 32, 32, 3))
-    images = np.clip(colours[labels][:, None, None, :] + noise, 0, 255)
-    write_split(out / f"{name}.npz", images.astype(np.uint8), labels)
+  splits = data.synthetic_cifar10(num_train, num_test, seed)
+  for name, (images, labels) in splits.items():
+    write_split(out / f"{name}.npz", images, labels)
   return out
 
 

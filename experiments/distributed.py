@@ -202,9 +202,10 @@ def to_host(tree: PyTree) -> PyTree:
 class Placement:
   """Where the training loop puts its state, batches and step.
 
-  Single-process (``mesh`` None) every method but :meth:`abstract` returns
-  its input unchanged or what the loop used before, so single-process runs
-  are as they were.
+  Single-process (``mesh`` None) every method but :meth:`abstract` and
+  :meth:`state` returns its input unchanged or what the loop used before, so
+  single-process runs are as they were; :meth:`state` commits the state to
+  the default device, where :meth:`abstract` restores it.
 
   On a ``('data',)`` mesh every state leaf is sharded by
   :func:`state_spec`; on a ``('data', 'fsdp')`` mesh
@@ -253,9 +254,15 @@ class Placement:
         abstract_state, shardings)
 
   def state(self, state: PyTree) -> PyTree:
-    """The state as global arrays sharded like :meth:`abstract`."""
+    """The state as global arrays sharded like :meth:`abstract`.
+
+    Single-process, committed to the default device as a restored state
+    is: a fresh and a resumed run then compile the same step (a committed
+    argument changes the compiled module), so the second finds the first's
+    in a persistent compilation cache.
+    """
     if self.mesh is None:
-      return state
+      return jax.device_put(state, jax.local_devices()[0])
     return jax.tree.map(_to_global, state, self.shardings)
 
   def batches(self, batches: Callable[[int], PyTree]

@@ -25,7 +25,7 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_list(
     "allow_config_change", [],
     "Config keys a rerun may change on an existing workdir; only those that "
     "never change what a checkpoint means (train.num_steps, train.log_every, "
-    "train.checkpoint_every, train.max_to_keep, eval.*).")
+    "train.checkpoint_every, train.max_to_keep, eval.*, last_stage).")
 _VERBOSE = flags.DEFINE_bool(
     "verbose", False, "Show the traceback of expected errors too.")
 flags.mark_flags_as_required(["config", "workdir"])

@@ -40,13 +40,20 @@ def _lookup(table: Mapping[str, Any], name: str, what: str) -> Any:
 SCHEDULES: dict[str, Callable[..., optax.ScalarOrSchedule]] = {
     "constant": lambda cfg: cfg.lr,
     "cosine": lambda cfg: optax.cosine_decay_schedule(
-        cfg.lr, max(cfg.decay_steps, 1)),
+        cfg.lr, max(cfg.decay_steps, 1),
+        alpha=cfg.get("final_lr_fraction", 0.0)),
 }
 
 
-def _learning_rate(cfg: ml_collections.ConfigDict) -> optax.ScalarOrSchedule:
-  """``cfg.lr``, or its schedule ``cfg.schedule`` (``'cosine'``: decay to 0
-  over ``cfg.decay_steps``)."""
+def build_learning_rate(cfg: ConfigLike) -> optax.ScalarOrSchedule:
+  """``cfg.lr``, or its schedule ``cfg.schedule`` (``'cosine'``: decay to
+  ``cfg.final_lr_fraction`` (default 0) of it over ``cfg.decay_steps``).
+
+  Raises:
+    ValueError: an unknown schedule name.
+  """
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    cfg = ml_collections.ConfigDict(dict(cfg))
   return _lookup(SCHEDULES, cfg.get("schedule", "constant"),
                  "learning-rate schedule (config key 'schedule')")(cfg)
 
@@ -71,10 +78,12 @@ def _adamw(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
 
 
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
-    "sgd": lambda cfg: optax.sgd(_learning_rate(cfg)),
-    "momentum": lambda cfg: optax.sgd(_learning_rate(cfg),
+    "sgd": lambda cfg: optax.sgd(build_learning_rate(cfg)),
+    "momentum": lambda cfg: optax.sgd(build_learning_rate(cfg),
                                       momentum=cfg.get("momentum", 0.9)),
-    "adam": lambda cfg: optax.adam(_learning_rate(cfg)),
+    "adam": lambda cfg: optax.adam(build_learning_rate(cfg),
+                                   b1=cfg.get("b1", 0.9),
+                                   b2=cfg.get("b2", 0.999)),
     "adamw": _adamw,
 }
 
@@ -85,10 +94,12 @@ def build_optimizer(cfg: ConfigLike) -> optax.GradientTransformation:
   Args:
     cfg: a config section (or a plain mapping): ``name`` (a key of
       ``OPTIMIZERS``), ``lr`` and the optimizer's own fields:
-      ``momentum`` (``'momentum'``, default 0.9), ``schedule`` (``'sgd'``,
-      ``'momentum'``, ``'adam'``: a key of ``SCHEDULES``, default
-      ``'constant'``; ``'cosine'`` reads ``decay_steps``), and ``adamw``'s
-      warm-up, decay and clipping fields (see ``_adamw``).
+      ``momentum`` (``'momentum'``, default 0.9), ``b1, b2`` (``'adam'``,
+      default 0.9, 0.999), ``schedule`` (``'sgd'``, ``'momentum'``,
+      ``'adam'``: a key of ``SCHEDULES``, default ``'constant'``;
+      ``'cosine'`` reads ``decay_steps`` and optional
+      ``final_lr_fraction``), and ``adamw``'s warm-up, decay and clipping
+      fields (see ``_adamw``).
 
   Returns:
     The optimizer.
@@ -164,6 +175,7 @@ SOLVERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "lv_hba": _from_task("lv_hba_toy", "solver_from_config"),
     "lv_hba_svm": _from_task("svm", "solver_from_config"),
     "scalebio": _from_task("data_reweighting", "solver_from_config"),
+    "darts": _from_task("nas_search", "solver_from_config"),
 }
 
 
@@ -188,6 +200,7 @@ TASKS: dict[str, Callable[[ml_collections.ConfigDict, jax.Array],
                                    "pipeline_from_config"),
     "biformer_classification": _from_task("biformer_classification",
                                           "task_from_config"),
+    "architecture_search": _from_task("nas_search", "pipeline_from_config"),
 }
 
 

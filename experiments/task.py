@@ -2,7 +2,8 @@
 
 A :class:`Task` is one bi-level run; a :class:`Pipeline` is a sequence of
 :class:`Stage` runs (e.g. pretrain → prune → finetune), each resumable on
-its own.
+its own; a :class:`DeferredStage` is built from the results of the stages
+before it (e.g. a network retrained on a searched architecture).
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -59,6 +60,13 @@ class Stage(NamedTuple):
       data depend on earlier stages' results (e.g. a training set resampled
       by learned weights); replaces ``batches`` when given. It is called
       on a resumed run too, with the earlier stages' restored params.
+    log_params: ``log_params(params) -> {metric: scalar}``, logged with the
+      step's metrics at every log step (e.g. architecture weights, for
+      their trajectories), or None.
+
+  ``evaluate`` may also return JSON values that are not numbers (e.g. a
+  derived architecture as a dict): they go to ``stages.json`` and
+  ``results.json`` and are printed, but are not logged as metrics.
   """
   name: str
   solver: optax.GradientTransformation
@@ -72,6 +80,26 @@ class Stage(NamedTuple):
   params_like: bilevel.Params | None = None
   batches_from: Callable[[Mapping[str, bilevel.Params]],
                          Callable[[int], dict[str, Any]]] | None = None
+  log_params: Callable[[bilevel.Params], dict[str, Any]] | None = None
+
+
+class DeferredStage(NamedTuple):
+  """A stage whose model depends on the results of the stages before it.
+
+  E.g. a network retrained on the architecture a search stage found: the
+  structure of its params, its losses and its evaluation exist only once
+  that architecture does. When its turn comes the pipeline calls
+  ``build(finals)`` with the final params of the stages before it, by name,
+  and runs the :class:`Stage` it returns; on a resumed run and for
+  ``--mode=eval`` too, with those stages' restored params.
+
+  Attributes:
+    name: the stage's name; the built stage must have the same.
+    build: ``build(finals) -> Stage``; the stage should set its own
+      ``params_like``.
+  """
+  name: str
+  build: Callable[[Mapping[str, bilevel.Params]], Stage]
 
 
 class Pipeline(NamedTuple):
@@ -80,7 +108,7 @@ class Pipeline(NamedTuple):
   Attributes:
     params_like: params with the structure, shapes and dtypes every stage's
       params have (used to restore checkpoints).
-    stages: the stages; the last has an ``evaluate``.
+    stages: the stages (or deferred stages); the last has an ``evaluate``.
   """
   params_like: bilevel.Params
-  stages: Sequence[Stage]
+  stages: Sequence[Stage | DeferredStage]

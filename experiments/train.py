@@ -13,6 +13,7 @@ that another run holds or that holds a run of another config (see
 """
 
 import contextlib
+import json
 import math
 import pathlib
 import time
@@ -29,7 +30,7 @@ from flax import nnx
 from experiments import checkpointing, config_checks, distributed, registry
 from experiments import metrics as metrics_lib
 from experiments import workdir as workdir_lib
-from experiments.task import Pipeline, Stage
+from experiments.task import DeferredStage, Pipeline, Stage
 
 
 class NonFiniteError(FloatingPointError):
@@ -97,12 +98,13 @@ def _restore(ckpt, abstract_state):
 
 
 def _train_loop(config, solver, problem, batches, num_steps, directory,
-                init_params, train_key, params_like=None):
+                init_params, train_key, params_like=None, log_params=None):
   """Runs (or resumes) one bi-level training loop; returns the final params.
 
   Checkpoints and metrics go to ``directory``. ``init_params()`` is called
   only when ``directory`` holds no checkpoint; ``params_like`` (default: its
-  result) gives the structure to restore against.
+  result) gives the structure to restore against. ``log_params(params)``
+  adds metrics of the params at every log step.
   """
   ckpt = _checkpointer(config, directory)
   if params_like is None:
@@ -138,7 +140,8 @@ def _train_loop(config, solver, problem, batches, num_steps, directory,
       log = done % config.train.log_every == 0 or done == num_steps
       save = done % config.train.checkpoint_every == 0 or done == num_steps
       if log:
-        scalars = {**step_metrics, **_diagnostics(solver_state)}
+        scalars = {**step_metrics, **_diagnostics(solver_state),
+                   **(log_params(params) if log_params else {})}
         writer.write(done, scalars)
         writer.progress(done, scalars)
       if log or save:
@@ -239,6 +242,28 @@ def _stage_directory(stage: Stage, workdir: pathlib.Path) -> pathlib.Path:
   return pathlib.Path(stage.workdir) if stage.workdir else workdir / stage.name
 
 
+def _built(stage: Stage | DeferredStage, finals) -> Stage:
+  """``stage``, or the stage a :class:`DeferredStage` builds from
+  ``finals``."""
+  if not isinstance(stage, DeferredStage):
+    return stage
+  built = stage.build(finals)
+  if built.name != stage.name:
+    raise ValueError(f"deferred stage {stage.name!r} built a stage named"
+                     f" {built.name!r}")
+  return built
+
+
+def _results(raw) -> dict[str, Any]:
+  """Numbers as floats; other JSON values (e.g. an architecture) as given."""
+  return {k: v if isinstance(v, (str, list, tuple, dict)) else float(v)
+          for k, v in raw.items()}
+
+
+def _numbers(results: dict[str, Any]) -> dict[str, float]:
+  return {k: v for k, v in results.items() if isinstance(v, float)}
+
+
 def _params_like(stage: Stage, pipeline: Pipeline):
   return pipeline.params_like if stage.params_like is None else (
       stage.params_like)
@@ -246,10 +271,28 @@ def _params_like(stage: Stage, pipeline: Pipeline):
 
 def _run_pipeline(config, pipeline: Pipeline, workdir: pathlib.Path,
                   train_key) -> dict[str, Any]:
-  """Runs the stages in order; a finished stage is restored, not rerun."""
+  """Runs the stages in order; a finished stage is restored, not rerun.
+
+  Writes ``stages.json`` (each evaluated stage's results) and
+  ``stage_seconds.json`` (each stage's wall seconds, training and
+  evaluation, summed over the processes that ran it: a resumed run adds
+  its part). ``config.last_stage`` (optional) stops after that stage, so
+  that each stage can be its own command (a rerun without it resumes).
+
+  Raises:
+    ValueError: ``config.last_stage`` names no stage.
+  """
+  names = [s.name for s in pipeline.stages]
+  last = config.get("last_stage") or names[-1]
+  if last not in names:
+    raise ValueError(f"config key last_stage={last!r} is none of the"
+                     f" pipeline's stages {names}")
+  pipeline = pipeline._replace(stages=pipeline.stages[:names.index(last) + 1])
   finals, stage_results = {}, {}
   steps_by_kind: dict[str, int] = {}
+  seconds = _read_json(workdir / "stage_seconds.json")
   for stage in pipeline.stages:
+    stage = _built(stage, finals)
     directory = _stage_directory(stage, workdir)
     start = time.perf_counter()
     batches = (stage.batches if stage.batches_from is None
@@ -257,38 +300,48 @@ def _run_pipeline(config, pipeline: Pipeline, workdir: pathlib.Path,
     finals[stage.name] = _train_loop(
         config, stage.solver, stage.problem, batches, stage.num_steps,
         directory, lambda stage=stage: stage.init(finals), train_key,
-        params_like=_params_like(stage, pipeline))
+        params_like=_params_like(stage, pipeline),
+        log_params=stage.log_params)
     logging.info("stage %s: %d steps done (%.1f s in this process)",
                  stage.name, stage.num_steps, time.perf_counter() - start)
     if stage.workdir is None:  # a shared stage is not this pipeline's cost
       steps_by_kind[stage.step_kind] = (
           steps_by_kind.get(stage.step_kind, 0) + stage.num_steps)
     if stage.evaluate is not None:
-      stage_results[stage.name] = {
-          k: float(v) for k, v in stage.evaluate(finals[stage.name]).items()}
+      stage_results[stage.name] = _results(
+          stage.evaluate(finals[stage.name]))
       _print_results(f"stage {stage.name}", stage_results[stage.name])
-  last = pipeline.stages[-1]
-  results = {**stage_results[last.name],
+    seconds[stage.name] = (seconds.get(stage.name, 0.0)
+                           + time.perf_counter() - start)
+    if distributed.is_primary():
+      workdir_lib.write_json(workdir / "stage_seconds.json", seconds)
+  results = {**stage_results.get(stage.name, {}),
              **{f"steps/{k}": v for k, v in steps_by_kind.items()}}
   if distributed.is_primary():
     workdir_lib.write_json(workdir / "stages.json", stage_results)
   with metrics_lib.MetricWriter(workdir, total_steps=0) as writer:
     return _evaluate_and_report(lambda _: results, None, writer,
-                                last.num_steps, workdir / "results.json",
+                                stage.num_steps, workdir / "results.json",
                                 "final")
 
 
-def _print_results(prefix: str, results: dict[str, float]) -> None:
+def _read_json(path: pathlib.Path) -> dict[str, Any]:
+  """The JSON object at ``path``, or ``{}`` if there is no file."""
+  return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _print_results(prefix: str, results: dict[str, Any]) -> None:
   logging.info("%s results: %s", prefix, results)
   print(f"{prefix} results:")
   for name, value in results.items():
-    print(f"  {name:>28s}: {value:.4f}")
+    shown = f"{value:.4f}" if isinstance(value, float) else value
+    print(f"  {name:>28s}: {shown}")
 
 
 def _evaluate_and_report(evaluate_fn, params, writer, step, results_path,
                          prefix):
-  results = {k: float(v) for k, v in evaluate_fn(params).items()}
-  writer.write(step, results, prefix=prefix)
+  results = _results(evaluate_fn(params))
+  writer.write(step, _numbers(results), prefix=prefix)
   if distributed.is_primary():
     workdir_lib.write_json(results_path, results)
   _print_results(prefix, results)
@@ -310,12 +363,12 @@ def evaluate(config: ml_collections.ConfigDict,
   config_checks.validate(config)
   workdir = pathlib.Path(workdir)
   evaluate_fn, step, state = _restore_for_eval(config, workdir)
-  results = {k: float(v) for k, v in evaluate_fn(state["params"]).items()}
+  results = _results(evaluate_fn(state["params"]))
   print(f"eval: checkpoint step {step} of {workdir}")
   _print_results("eval", results)
   try:
     with metrics_lib.MetricWriter(workdir, total_steps=step) as writer:
-      writer.write(step, results, prefix="eval")
+      writer.write(step, _numbers(results), prefix="eval")
     workdir_lib.write_json(workdir / "eval_results.json",
                            {"checkpoint_step": step, **results})
   except OSError as e:
@@ -324,22 +377,49 @@ def evaluate(config: ml_collections.ConfigDict,
   return results
 
 
+def _chosen_stage(config, pipeline: Pipeline, workdir: pathlib.Path,
+                  name: str | None) -> Stage:
+  """The stage ``name`` (default: the last), built from the restored final
+  params of the stages before it if it is a :class:`DeferredStage`."""
+  names = [s.name for s in pipeline.stages]
+  if name is not None and name not in names:
+    raise ValueError(f"pipeline has no stage {name!r}; stages: {names}")
+  index = names.index(name) if name else len(names) - 1
+  if not isinstance(pipeline.stages[index], DeferredStage):
+    return pipeline.stages[index]
+  finals = {}
+  for stage in pipeline.stages[:index]:
+    stage = _built(stage, finals)
+    finals[stage.name] = _restore_stage(config, pipeline, stage,
+                                        workdir)[1]["params"]
+  return _built(pipeline.stages[index], finals)
+
+
+def _restore_stage(config, pipeline: Pipeline, stage: Stage,
+                   workdir: pathlib.Path, step: int | None = None):
+  return _restore_checkpoint(config, _params_like(stage, pipeline),
+                             stage.solver, _stage_directory(stage, workdir),
+                             step)
+
+
 def _restore_for_eval(config, workdir: pathlib.Path, step: int | None = None,
                       stage: str | None = None):
-  keys = _root_keys(config.seed)
-  task = registry.build_task(config, keys["task"])
+  task = registry.build_task(config, task_key(config))
   if isinstance(task, Pipeline):
-    stages = {s.name: s for s in task.stages}
-    if stage is not None and stage not in stages:
-      raise ValueError(f"pipeline has no stage {stage!r}; stages:"
-                       f" {list(stages)}")
-    chosen = stages[stage] if stage else task.stages[-1]
-    params_like, tx = _params_like(chosen, task), chosen.solver
-    evaluate_fn = chosen.evaluate
-    workdir = _stage_directory(chosen, workdir)
-  else:
-    params_like, evaluate_fn = task.init_params, task.evaluate
-    tx = registry.build_solver(config.solver)
+    chosen = _chosen_stage(config, task, workdir, stage)
+    step, state = _restore_stage(config, task, chosen, workdir, step)
+    return chosen.evaluate, step, state
+  tx = registry.build_solver(config.solver)
+  step, state = _restore_checkpoint(config, task.init_params, tx, workdir,
+                                    step)
+  return task.evaluate, step, state
+
+
+def _restore_checkpoint(config, params_like, tx, workdir: pathlib.Path,
+                        step: int | None):
+  """``(step, state)`` of the checkpoint at ``step`` (None: the latest good
+  one) in ``workdir``, as numpy arrays on every host."""
+  keys = _root_keys(config.seed)
   abstract = jax.eval_shape(lambda: _train_state(
       params_like, tx.init(params_like), 0, keys["train"]))
   if not (workdir / "checkpoints").is_dir():
@@ -351,7 +431,7 @@ def _restore_for_eval(config, workdir: pathlib.Path, step: int | None = None,
       create=False)
   step, state = ckpt.restore(place.abstract(abstract), step=step)
   ckpt.close()
-  return evaluate_fn, step, place.host(state)
+  return step, place.host(state)
 
 
 def load_params(workdir: str | pathlib.Path, config, step: int | None = None,

@@ -25,7 +25,8 @@ LOCK_NAME = ".lock"
 # Keys a rerun may change (with --allow_config_change): they change how long
 # the loop runs and what it reports, never what a checkpoint means.
 SAFE_TO_CHANGE = ("train.num_steps", "train.log_every",
-                  "train.checkpoint_every", "train.max_to_keep", "eval.")
+                  "train.checkpoint_every", "train.max_to_keep", "eval.",
+                  "last_stage")
 
 
 class ConfigChangedError(ValueError):

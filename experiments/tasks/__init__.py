@@ -14,4 +14,7 @@ Each builds its :class:`~experiments.task.Task` (or
 * :mod:`.biformer_classification` (on :mod:`.image_classification`):
   BiFormer image classification.
 * :mod:`.moe_lm` (on :mod:`.text_corpus`): byte-level MoE language models.
+* :mod:`.nas_search` (with :mod:`.nas_retrain` and :mod:`.nas_few_shot`):
+  DARTS / PC-DARTS / GM-NAS architecture search, then retraining of the
+  derived (or a random) genotype.
 """

@@ -142,14 +142,25 @@ class Network:
     Raises:
       ValueError: ``n`` is not a positive multiple of ``batch_size``.
     """
-    n = images.shape[0]
-    if n == 0 or n % batch_size:
-      raise ValueError(f"recalibrate: {n} images is not a positive multiple"
-                       f" of batch_size {batch_size}")
-    batches = images.reshape(n // batch_size, batch_size, *images.shape[1:])
-    stats = jax.lax.map(
-        lambda x: self._batch_statistics(weights, x), batches)
-    return jax.tree.map(lambda s: jnp.mean(s, axis=0), stats)
+    return mean_over_batches(
+        lambda x: self._batch_statistics(weights, x), images, batch_size)
+
+
+def mean_over_batches(fn, images: jax.Array, batch_size: int):
+  """The mean of ``fn(batch)`` (a pytree) over the consecutive batches of
+  ``images`` (BatchNorm recalibration).
+
+  Raises:
+    ValueError: ``images.shape[0]`` is not a positive multiple of
+      ``batch_size``.
+  """
+  n = images.shape[0]
+  if n == 0 or n % batch_size:
+    raise ValueError(f"recalibrate: {n} images is not a positive multiple"
+                     f" of batch_size {batch_size}")
+  batches = images.reshape(n // batch_size, batch_size, *images.shape[1:])
+  return jax.tree.map(lambda s: jnp.mean(s, axis=0),
+                      jax.lax.map(fn, batches))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array,

@@ -1,7 +1,8 @@
 """DARTS / PC-DARTS / GM-NAS: the search space, the supernet, genotypes,
 the derived evaluation network and few-shot splitting."""
 
-from models.darts.functional import channel_shuffle
+from models.darts.drawing import draw_cell, draw_genotype
+from models.darts.functional import channel_shuffle, kernels
 from models.darts.genotype import (
     Genotype,
     derive_cell,
@@ -59,12 +60,15 @@ __all__ = (
     "SearchNetwork",
     "UniformSource",
     "channel_shuffle",
+    "draw_cell",
+    "draw_genotype",
     "count_params",
     "derive_cell",
     "derive_genotype",
     "drop_path",
     "edge_weights",
     "edge_weights_of",
+    "kernels",
     "make_op",
     "node_edges",
     "num_edges",

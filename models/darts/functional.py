@@ -11,16 +11,56 @@ matches the PyTorch operation of the official code (``tests`` hold them
 against ``lax`` convolutions and ``reduce_window``); all of them take one
 example batch and are ``vmap``-ed over stacked edges by the supernet.
 
+The price of the shifted taps is compile time: ``k²`` slices per
+convolution, forward and backward, make a search network's step tens of
+thousands of HLO ops, and XLA's CPU compile time grows faster than their
+count (a 5-cell search step took over ten minutes). Within
+``with kernels("xla"):`` the depthwise convolutions and the poolings trace
+as XLA's own ``conv_general_dilated`` / ``reduce_window`` instead: the
+same functions (the tests hold both to the same ``lax`` references), a few
+times fewer ops, slower steps. The choice is made at trace time, so a
+jitted function keeps the kernels it was traced with.
+
 References:
   Liu, Simonyan, Yang, *DARTS: Differentiable Architecture Search*, ICLR
   2019, Appendix A.1 (the operations).
 """
+
+import contextlib
+import contextvars
 
 import jax
 import jax.numpy as jnp
 
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.1  # PyTorch's: new = (1 − m)·old + m·batch.
+
+
+KERNELS = ("taps", "xla")
+_KERNELS = contextvars.ContextVar("darts_kernels", default="taps")
+
+
+@contextlib.contextmanager
+def kernels(name: str):
+  """Within, depthwise convolutions and poolings trace as ``name`` (one of
+  :data:`KERNELS`; module docstring).
+
+  Raises:
+    ValueError: an unknown name.
+  """
+  if name not in KERNELS:
+    raise ValueError(f"unknown DARTS kernels {name!r}; valid: {KERNELS}")
+  token = _KERNELS.set(name)
+  try:
+    yield
+  finally:
+    _KERNELS.reset(token)
+
+
+def _xla_window(x, kernel, stride, padding, init, op):
+  return jax.lax.reduce_window(
+      x, init, op, (1, kernel, kernel, 1), (1, stride, stride, 1),
+      ((0, 0), (padding, padding), (padding, padding), (0, 0)))
 
 
 def _out_size(size: int, kernel: int, stride: int, padding: int,
@@ -60,6 +100,12 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1,
   if kernel.shape != (k, k, x.shape[-1]):
     raise ValueError(f"kernel must be [k, k, {x.shape[-1]}], got "
                      f"{kernel.shape}")
+  if _KERNELS.get() == "xla":
+    return jax.lax.conv_general_dilated(
+        x, kernel[:, :, None, :], (stride, stride), ((padding, padding),) * 2,
+        rhs_dilation=(dilation, dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1])
   total = None
   for (i, j), window in _taps(x, k, stride, padding, dilation, 0.0):
     term = window * kernel[i, j]
@@ -75,6 +121,8 @@ def pointwise_conv(x: jax.Array, weight: jax.Array) -> jax.Array:
 def max_pool(x: jax.Array, kernel: int, stride: int, padding: int
              ) -> jax.Array:
   """Max pooling with ``−∞`` padding (PyTorch ``MaxPool2d``)."""
+  if _KERNELS.get() == "xla":
+    return _xla_window(x, kernel, stride, padding, -jnp.inf, jax.lax.max)
   total = None
   for _, window in _taps(x, kernel, stride, padding, 1, -jnp.inf):
     total = window if total is None else jnp.maximum(total, window)
@@ -84,6 +132,10 @@ def max_pool(x: jax.Array, kernel: int, stride: int, padding: int
 def avg_pool(x: jax.Array, kernel: int, stride: int, padding: int
              ) -> jax.Array:
   """Average pooling, padding not counted (``count_include_pad=False``)."""
+  if _KERNELS.get() == "xla":
+    ones = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
+    return (_xla_window(x, kernel, stride, padding, 0.0, jax.lax.add)
+            / _xla_window(ones, kernel, stride, padding, 0.0, jax.lax.add))
   total = None
   for _, window in _taps(x, kernel, stride, padding, 1, 0.0):
     total = window if total is None else total + window

@@ -56,6 +56,7 @@ def test_unknown_names_list_the_valid_ones():
     registry.build_optimizer({"name": "sgd", "lr": 0.1, "schedule": "step"})
   with pytest.raises(ValueError, match="valid names: .*lv_hba_svm"):
     registry.build_solver(ml_collections.ConfigDict({"name": "newton"}))
-  with pytest.raises(ValueError, match="valid names: biformer_classification"):
+  with pytest.raises(ValueError, match="valid names: architecture_search,"
+                     " biformer_classification"):
     registry.build_task(ml_collections.ConfigDict({"task": "mnist"}),
                         jax.random.key(0))

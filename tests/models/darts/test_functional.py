@@ -29,15 +29,41 @@ def x():
 
 
 # sep 3x3 / 5x5 at stride 1 and 2, dil 3x3 / 5x5 (padding 2 / 4).
-@pytest.mark.parametrize(("kernel", "stride", "padding", "dilation"),
-                         [(3, 1, 1, 1), (5, 2, 2, 1), (3, 2, 2, 2),
-                          (5, 1, 4, 2)])
+CONVS = [(3, 1, 1, 1), (5, 2, 2, 1), (3, 2, 2, 2), (5, 1, 4, 2)]
+
+
+@pytest.mark.parametrize("kernels", F.KERNELS)
+@pytest.mark.parametrize(("kernel", "stride", "padding", "dilation"), CONVS)
 def test_depthwise_conv_equals_grouped_lax_conv(x, kernel, stride, padding,
-                                                dilation):
+                                                dilation, kernels):
   k = jax.random.normal(jax.random.key(1), (kernel, kernel, 3))
+  with F.kernels(kernels):
+    got = F.depthwise_conv(x, k, stride, padding, dilation)
   np.testing.assert_allclose(
-      F.depthwise_conv(x, k, stride, padding, dilation),
-      _lax_depthwise(x, k, stride, padding, dilation), rtol=1e-5, atol=1e-5)
+      got, _lax_depthwise(x, k, stride, padding, dilation), rtol=1e-5,
+      atol=1e-5)
+
+
+def test_both_kernels_have_the_same_gradients(x):
+  """The shifted taps and XLA's ops, differentiated: conv and pools."""
+  k = jax.random.normal(jax.random.key(1), (5, 5, 3))
+
+  def loss(x, k):
+    y = F.depthwise_conv(x, k, 2, 4, 2)
+    return (jnp.sum(jnp.sin(y)) + jnp.sum(jnp.cos(F.max_pool(x, 3, 2, 1)))
+            + jnp.sum(jnp.sin(F.avg_pool(x, 3, 1, 1))))
+
+  grads = {}
+  for kernels in F.KERNELS:
+    with F.kernels(kernels):
+      grads[kernels] = jax.grad(loss, argnums=(0, 1))(x, k)
+  for taps, xla in zip(grads["taps"], grads["xla"]):
+    np.testing.assert_allclose(taps, xla, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_kernels_are_refused():
+  with pytest.raises(ValueError, match="'cudnn'"), F.kernels("cudnn"):
+    pass
 
 
 def test_depthwise_conv_refuses_a_mismatched_kernel(x):
@@ -45,16 +71,19 @@ def test_depthwise_conv_refuses_a_mismatched_kernel(x):
     F.depthwise_conv(x, jnp.ones((3, 3, 4)))
 
 
+@pytest.mark.parametrize("kernels", F.KERNELS)
 @pytest.mark.parametrize(("kernel", "stride", "padding"),
                          [(3, 1, 1), (3, 2, 1), (2, 2, 0)])
-def test_pooling_equals_reduce_window(x, kernel, stride, padding):
+def test_pooling_equals_reduce_window(x, kernel, stride, padding, kernels):
+  with F.kernels(kernels):
+    max_pooled = F.max_pool(x, kernel, stride, padding)
+    avg_pooled = F.avg_pool(x, kernel, stride, padding)
   np.testing.assert_array_equal(
-      F.max_pool(x, kernel, stride, padding),
-      _window(x, kernel, stride, padding, -jnp.inf, jax.lax.max))
+      max_pooled, _window(x, kernel, stride, padding, -jnp.inf, jax.lax.max))
   count = _window(jnp.ones_like(x), kernel, stride, padding, 0.0,
                   jax.lax.add)
   np.testing.assert_allclose(
-      F.avg_pool(x, kernel, stride, padding),
+      avg_pooled,
       _window(x, kernel, stride, padding, 0.0, jax.lax.add) / count,
       rtol=1e-6)
 
