@@ -342,8 +342,17 @@ def val_accuracy_fn(supernet: Supernet, val: ic.ImageData, num_images: int,
   (0: all) images of the val half, not augmented, in batches of
   ``batch_size`` with batch statistics (the search BNs keep no running
   statistics worth reading). GM-NAS ranks its sub-supernets by it.
+
+  Raises:
+    ValueError: ``num_images`` is more than the val half holds, or not a
+      multiple of ``batch_size`` (names ``search.val_images``).
   """
-  n = min(num_images or val.train_y.shape[0], val.train_y.shape[0])
+  n = num_images or val.train_y.shape[0]
+  if n > val.train_y.shape[0] or n % batch_size:
+    raise ValueError(f"config key search.val_images={num_images}: {n}"
+                     f" images must be at most the val half's"
+                     f" {val.train_y.shape[0]} and a multiple of"
+                     f" search.batch_size {batch_size}")
 
   @jax.jit
   def correct(params, op_masks, images, labels):
@@ -358,8 +367,8 @@ def val_accuracy_fn(supernet: Supernet, val: ic.ImageData, num_images: int,
         k: jnp.asarray(v, bool) for k, v in op_masks.items()}
     hits = sum(int(correct(params, masks, val.train_x[i:i + batch_size],
                            val.train_y[i:i + batch_size]))
-               for i in range(0, n - batch_size + 1, batch_size))
-    return hits / (n // batch_size * batch_size)
+               for i in range(0, n, batch_size))
+    return hits / n
 
   return accuracy
 

@@ -283,3 +283,7 @@ def test_bad_config_keys_are_named():
   config.retrain.auxiliary = True
   with pytest.raises(ValueError, match="retrain.auxiliary"):
     nas_search.pipeline_from_config(config, jax.random.key(0))
+  config = darts_cifar10.get_config("smoke")
+  config.search.val_images = 12  # not a multiple of the batch of 8
+  with pytest.raises(ValueError, match="search.val_images=12"):
+    nas_search.pipeline_from_config(config, jax.random.key(0))
