@@ -14,7 +14,7 @@ run the genotype, the search's wall time (all stages before ``retrain``),
 the retraining's, the retrained network's size and its test accuracy, and
 the random baseline's mean ± standard deviation.
 
-Run (about three hours on a 2-core CPU at the config's default sizes):
+Run (under three hours on a 2-core CPU at the config's default sizes):
 
   python -m experiments.benchmarks.darts_comparison --root=/tmp/darts_cpu \
       [--seed=0] [--random_seeds=0,1,2] [--methods=darts1,darts2,...] \
