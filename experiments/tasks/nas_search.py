@@ -85,14 +85,8 @@ def edge_nodes(num_edges: int) -> tuple[tuple[int, int], ...]:
   Raises:
     ValueError: ``num_edges`` is no cell's count (2, 5, 9, 14, ...).
   """
-  edges, node = [], 2
-  while len(edges) < num_edges:
-    edges += [(i, node) for i in range(node)]
-    node += 1
-  if len(edges) != num_edges:
-    raise ValueError(f"{num_edges} edges is no cell's count (2, 5, 9, 14,"
-                     " ...)")
-  return tuple(edges)
+  steps = darts.steps_of(num_edges)
+  return tuple((i, j) for j in range(2, 2 + steps) for i in range(j))
 
 
 EDGES = edge_nodes(darts.NUM_EDGES)  # the papers' cell: 14 edges
